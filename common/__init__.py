@@ -1,0 +1,1 @@
+"""Flower-free core of fedtune: config, model + LoRA, data, the training loop."""

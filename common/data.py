@@ -1,0 +1,350 @@
+"""Records in, token batches out: sources, formats, partitions, tokenisation, collate.
+
+Records are instruction (Alpaca: instruction/input/output) or chat (``messages``);
+both are rendered with the tokenizer's chat template and only the response tokens
+carry a label, so the loss never rewards predicting the prompt.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from common.config import BUILTIN_DATASET, RunConfig
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+WORDNET_DIR = Path("/usr/share/wordnet")
+# WordNet 3.0's lexicographer files, indexed by the lex_filenum field of data.* lines
+# (the 'lexnames' file, which Debian's wordnet-base does not ship).
+WORDNET_LEXNAMES = (
+    "adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact "
+    "noun.attribute noun.body noun.cognition noun.communication noun.event "
+    "noun.feeling noun.food noun.group noun.location noun.motive noun.object "
+    "noun.person noun.phenomenon noun.plant noun.possession noun.process "
+    "noun.quantity noun.relation noun.shape noun.state noun.substance noun.time "
+    "verb.body verb.change verb.cognition verb.communication verb.competition "
+    "verb.consumption verb.contact verb.creation verb.emotion verb.motion "
+    "verb.perception verb.possession verb.social verb.stative verb.weather adj.ppl"
+).split()
+_POS_NAMES = {"n": "noun", "v": "verb", "a": "adjective", "s": "adjective", "r": "adverb"}
+_FILE_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+# --- sources -------------------------------------------------------------------------
+def wordnet_records(wordnet_dir: Path = WORDNET_DIR) -> list[dict[str, str]]:
+    """WordNet definitions as instruction pairs, each with its lexicographer category."""
+    files = [wordnet_dir / f"data.{pos}" for pos in ("noun", "verb", "adj", "adv")]
+    if not all(f.exists() for f in files):
+        raise FileNotFoundError(
+            f"built-in dataset '{BUILTIN_DATASET}' needs WordNet in {wordnet_dir}: run "
+            "`apt-get install wordnet-base` (or pass --dataset FILE)"
+        )
+    records = []
+    for path in files:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("  ") or "|" not in line:
+                    continue  # licence header
+                head, gloss = line.split("|", 1)
+                fields = head.split()
+                lexname = WORDNET_LEXNAMES[int(fields[1])]
+                word = fields[4].replace("_", " ")
+                word = word.split("(")[0]  # adjective markers like 'galore(ip)'
+                definition = gloss.split('; "')[0].strip().rstrip(";").strip()
+                if not definition:
+                    continue
+                pos = _POS_NAMES[fields[2]]
+                records.append({
+                    "instruction": f"Define the word '{word}' ({pos}).",
+                    "input": "",
+                    "output": definition[0].upper() + definition[1:] + ".",
+                    "category": lexname,
+                })
+    return records
+
+
+def load_dataset_any(source: str):
+    """A ``datasets.Dataset`` from the built-in name, a file, a folder, or the Hub."""
+    import datasets
+
+    if source == BUILTIN_DATASET:
+        return datasets.Dataset.from_list(wordnet_records())
+    path = Path(source).expanduser()
+    if path.is_dir():
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except FileNotFoundError as err:
+            raise ValueError(
+                f"dataset folder '{source}' is not a datasets.save_to_disk folder: {err}"
+            ) from None
+        return ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
+    if path.suffix in _FILE_SUFFIXES:
+        if not path.exists():
+            raise FileNotFoundError(f"dataset file '{source}' does not exist")
+        return _load_file(path)
+    if path.exists() or source.startswith((".", "/", "~")):
+        raise ValueError(
+            f"dataset '{source}': unsupported file type; use .jsonl, .json, .csv, "
+            ".parquet or a datasets.save_to_disk folder"
+        )
+    try:
+        return datasets.load_dataset(source, split="train")
+    except Exception as err:  # the Hub raises many types; the message is what matters
+        raise ValueError(
+            f"cannot load dataset '{source}' from the Hub: {str(err).splitlines()[0]}"
+        ) from None
+
+
+def _load_file(path: Path):
+    import datasets
+
+    if path.stat().st_size == 0:
+        raise ValueError(f"dataset file '{path}' is empty")
+    kind = _FILE_SUFFIXES[path.suffix]
+    if kind == "json":
+        try:
+            rows = _read_json_rows(path)
+        except UnicodeDecodeError as err:
+            raise ValueError(f"dataset file '{path}' is not UTF-8 ({err.reason})") from None
+        if not rows:
+            raise ValueError(f"dataset file '{path}' holds no records")
+        return datasets.Dataset.from_list(rows)
+    try:
+        builder = "csv" if kind == "csv" else "parquet"
+        return datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as err:
+        raise ValueError(f"dataset file '{path}' cannot be read: {str(err).splitlines()[0]}") from None
+
+
+def _read_json_rows(path: Path) -> list[dict[str, Any]]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"dataset file '{path}' is not valid JSON: {err}") from None
+        if isinstance(data, dict):
+            data = next((v for v in data.values() if isinstance(v, list)), None)
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise ValueError(f"dataset file '{path}' must hold a list of objects")
+        return data
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"dataset file '{path}' line {lineno} is not JSON: {err.msg}") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"dataset file '{path}' line {lineno} is not a JSON object")
+        rows.append(row)
+    return rows
+
+
+# --- formats -------------------------------------------------------------------------
+def detect_format(columns: list[str], requested: str, source: str) -> str:
+    if requested == "auto":
+        if "messages" in columns:
+            return "chat"
+        if {"instruction", "output"} <= set(columns):
+            return "instruction"
+        raise ValueError(
+            f"dataset '{source}' has columns {sorted(columns)}: expected 'instruction' "
+            "+ 'output' (+ optional 'input') or 'messages'"
+        )
+    needed = {"chat": {"messages"}, "instruction": {"instruction", "output"}}[requested]
+    if not needed <= set(columns):
+        raise ValueError(
+            f"dataset '{source}' lacks column(s) {sorted(needed - set(columns))} needed "
+            f"by data-format '{requested}'"
+        )
+    return requested
+
+
+def to_messages(record: dict[str, Any], fmt: str) -> list[dict[str, str]]:
+    """One record as chat messages; the last message is the response to learn."""
+    if fmt == "chat":
+        messages = record["messages"]
+        if not messages or messages[-1].get("role") != "assistant":
+            raise ValueError("a chat record must end with an assistant message")
+        return messages
+    prompt = str(record["instruction"] or "").strip()
+    extra = str(record.get("input") or "").strip()
+    answer = str(record["output"] or "").strip()
+    if not prompt or not answer:
+        raise ValueError("an instruction record needs non-empty 'instruction' and 'output'")
+    if extra:
+        prompt = f"{prompt}\n\n{extra}"
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+
+
+def tokenize_example(messages: list[dict[str, str]], tokenizer, max_length: int) -> dict | None:
+    """Token ids with labels on the final response only (prompt tokens get -100)."""
+    prompt_text = tokenizer.apply_chat_template(
+        messages[:-1], tokenize=False, add_generation_prompt=True
+    )
+    full_text = tokenizer.apply_chat_template(messages, tokenize=False)
+    if not full_text.startswith(prompt_text):
+        raise ValueError("chat template does not render the prompt as a prefix of the dialogue")
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
+    input_ids = (prompt_ids + response_ids)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
+    if all(label == IGNORE_INDEX for label in labels):
+        return None  # prompt alone fills max_length: nothing to learn from
+    return {"input_ids": input_ids, "labels": labels}
+
+
+# --- the data of one run ---------------------------------------------------------------
+@dataclass(frozen=True)
+class RunData:
+    """Held-out split plus the partitioner over the rest (partitions built lazily)."""
+
+    heldout: Any  # datasets.Dataset
+    train_pool: Any
+    partitioner: Any
+    fmt: str
+    num_partitions: int
+
+    def partition(self, partition_id: int, max_examples: int = 0):
+        if not 0 <= partition_id < self.num_partitions:
+            raise ValueError(
+                f"partition-id {partition_id} is outside 0..{self.num_partitions - 1}"
+            )
+        part = self.partitioner.load_partition(partition_id)
+        if max_examples and len(part) > max_examples:
+            part = part.select(range(max_examples))
+        if len(part) == 0:
+            raise ValueError(f"partition {partition_id} is empty: use fewer clients")
+        return part
+
+
+def load_run_data(cfg: RunConfig, num_partitions: int) -> RunData:
+    return _load_run_data(cfg.dataset, cfg.data_format, cfg.categories, cfg.partitioner,
+                          cfg.partition_by, cfg.dirichlet_alpha, cfg.eval_examples,
+                          cfg.seed, num_partitions)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_run_data(dataset, data_format, categories, partitioner, partition_by,
+                   dirichlet_alpha, eval_examples, seed, num_partitions) -> RunData:
+    ds = load_dataset_any(dataset)
+    fmt = detect_format(ds.column_names, data_format, dataset)
+    wanted = [c.strip() for c in categories.split(",") if c.strip()]
+    needs_column = partitioner in ("natural", "dirichlet") or wanted
+    if needs_column and partition_by not in ds.column_names:
+        raise ValueError(
+            f"dataset '{dataset}' has no column '{partition_by}' (partition-by); "
+            "set --partition-by to an existing column or --partitioner iid --categories ''"
+        )
+    if wanted:
+        present = set(ds.unique(partition_by))
+        unknown = [c for c in wanted if c not in present]
+        if unknown:
+            raise ValueError(f"categories {unknown} are not values of column '{partition_by}'")
+        keep = set(wanted)
+        ds = ds.filter(lambda r: r[partition_by] in keep)
+    ds = ds.shuffle(seed=seed)
+    if len(ds) <= eval_examples:
+        raise ValueError(
+            f"dataset '{dataset}' has {len(ds)} records, not more than eval-examples "
+            f"({eval_examples}): lower --eval-examples or add data"
+        )
+    heldout = ds.select(range(eval_examples))
+    pool = ds.select(range(eval_examples, len(ds)))
+    part = _make_partitioner(partitioner, partition_by, dirichlet_alpha, seed, num_partitions)
+    part.dataset = pool
+    if partitioner == "natural":
+        n_values = len(pool.unique(partition_by))
+        if n_values != num_partitions:
+            raise ValueError(
+                f"natural partitioning by '{partition_by}' gives {n_values} clients but "
+                f"{num_partitions} were asked for: set --num-clients {n_values} or change "
+                "--categories"
+            )
+    return RunData(heldout=heldout, train_pool=pool, partitioner=part, fmt=fmt,
+                   num_partitions=num_partitions)
+
+
+def _make_partitioner(kind, partition_by, alpha, seed, num_partitions):
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner, IidPartitioner, NaturalIdPartitioner,
+    )
+
+    if kind == "natural":
+        return NaturalIdPartitioner(partition_by=partition_by)
+    if kind == "iid":
+        return IidPartitioner(num_partitions=num_partitions)
+    return DirichletPartitioner(
+        num_partitions=num_partitions, partition_by=partition_by, alpha=alpha,
+        min_partition_size=1, seed=seed,
+    )
+
+
+def tokenize_dataset(ds, fmt: str, tokenizer, max_length: int) -> list[dict]:
+    examples = []
+    for index, record in enumerate(ds):
+        try:
+            example = tokenize_example(to_messages(record, fmt), tokenizer, max_length)
+        except (ValueError, TypeError, KeyError, AttributeError) as err:
+            raise ValueError(f"record {index}: {err}") from None
+        if example is not None:
+            examples.append(example)
+    if not examples:
+        raise ValueError(f"no usable records: every prompt exceeds max-length {max_length}")
+    return examples
+
+
+# --- batches -------------------------------------------------------------------------
+def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example; padding is masked and carries no label."""
+    length = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[row, :n] = torch.tensor(e["input_ids"])
+        labels[row, :n] = torch.tensor(e["labels"])
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def batches_forever(examples: list[dict], batch_size: int, pad_token_id: int,
+                    generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
+    """Shuffled epochs without end: a round asks for steps, not epochs."""
+    while True:
+        order = torch.randperm(len(examples), generator=generator).tolist()
+        for start in range(0, len(order), batch_size):
+            chunk = [examples[i] for i in order[start:start + batch_size]]
+            yield collate(chunk, pad_token_id)
+
+
+def batches_once(examples: list[dict], batch_size: int, pad_token_id: int):
+    for start in range(0, len(examples), batch_size):
+        yield collate(examples[start:start + batch_size], pad_token_id)
+
+
+# --- cached, tokenized views used by the apps ------------------------------------------
+@functools.lru_cache(maxsize=8)
+def partition_examples(cfg: RunConfig, partition_id: int, num_partitions: int,
+                       tokenizer) -> list[dict]:
+    """One client's tokenized partition, built once per process."""
+    data = load_run_data(cfg, num_partitions)
+    part = data.partition(partition_id, cfg.max_examples_per_client)
+    return tokenize_dataset(part, data.fmt, tokenizer, cfg.max_length)
+
+
+@functools.lru_cache(maxsize=4)
+def heldout_examples(cfg: RunConfig, num_partitions: int, tokenizer) -> list[dict]:
+    data = load_run_data(cfg, num_partitions)
+    return tokenize_dataset(data.heldout, data.fmt, tokenizer, cfg.max_length)

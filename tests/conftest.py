@@ -1,0 +1,77 @@
+"""Shared fixtures: a tiny config-built Llama (random weights, the real SmolLM2
+tokenizer) and tiny datasets. Tiny models test behaviour, never results."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+from common.config import RunConfig  # noqa: E402
+from common.model import load_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return load_tokenizer("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_records(path: Path, categories=("alpha", "beta"), per_category=30) -> Path:
+    rows = []
+    for c_index, category in enumerate(categories):
+        for i in range(per_category):
+            rows.append({
+                "instruction": f"Name item {i} of group {category}.",
+                "input": "",
+                "output": f"Item {i} belongs to {category} and number {i * (c_index + 2)}.",
+                "category": category,
+            })
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture()
+def tiny_dataset(tmp_path) -> Path:
+    return write_records(tmp_path / "tiny.jsonl")
+
+
+@pytest.fixture()
+def tiny_cfg(tiny_model_dir, tiny_dataset, tmp_path) -> RunConfig:
+    return RunConfig(
+        model=str(tiny_model_dir), dataset=str(tiny_dataset), categories="",
+        num_clients=2, eval_examples=8, batch_size=4, local_steps=2, num_server_rounds=2,
+        max_length=64, eval_batch_size=8, lora_r=4, lora_dropout=0.0,
+        run_dir=str(tmp_path / "run"),
+    )
+
+
+@pytest.fixture()
+def flower_identity():
+    """Messages built outside a running app need the identity Flower sets per run."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield

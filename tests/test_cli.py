@@ -1,0 +1,80 @@
+"""The `fedtune` command as a user runs it: bad input, then a real 2-client run."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fedtune(*args, timeout=600):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", FLWR_TELEMETRY_ENABLED="0")
+    return subprocess.run([sys.executable, "-m", "server.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _ray_processes() -> set[int]:
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return {int(line.split()[0]) for line in out.splitlines()[1:]
+            if "raylet" in line or "gcs_server" in line or "ray::" in line}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "./no/such/model"], "model path './no/such/model' does not exist"),
+    (["--dataset", "missing.jsonl"], "dataset file 'missing.jsonl' does not exist"),
+    (["--local-step", "3"], "unknown option '--local-step'; did you mean '--local-steps'?"),
+    (["--run-config", "lokal-steps=3"], "unknown config key 'lokal-steps'"),
+    (["--num-clients", "5"], "gives 4 clients but 5 were asked for"),
+    (["--lr", "-1"], "config 'lr' must be > 0"),
+])
+def test_bad_input_is_one_clear_line_and_nothing_written(tmp_path, args, message):
+    run_dir = tmp_path / "run"
+    result = fedtune("simulate", *args, "--run-dir", str(run_dir), timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert message in last, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not run_dir.exists()
+
+
+def test_malformed_dataset_file_is_refused(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("this is not json\n")
+    result = fedtune("simulate", "--dataset", str(bad), "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 2
+    assert f"dataset file '{bad}' line 1 is not JSON" in result.stderr
+
+
+def test_two_clients_two_rounds_end_to_end(tiny_model_dir, tiny_dataset, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run_dir = tmp_path / "run"
+    before = _ray_processes()
+    result = fedtune(
+        "simulate", "--model", str(tiny_model_dir), "--dataset", str(tiny_dataset),
+        "--categories", "", "--num-clients", "2", "--num-server-rounds", "2",
+        "--local-steps", "2", "--batch-size", "4", "--eval-examples", "8",
+        "--max-length", "64", "--lora-r", "4", "--run-dir", str(run_dir))
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    assert "held-out perplexity" in result.stdout
+
+    history = [json.loads(l) for l in (run_dir / "history.jsonl").read_text().splitlines()]
+    assert [row["round"] for row in history] == [0, 1, 2]
+    assert all(row["bytes-sent"] > 0 and row["clients"] == 2 for row in history[1:])
+    clients = [json.loads(l) for l in (run_dir / "clients.jsonl").read_text().splitlines()]
+    assert sorted((c["round"], c["partition-id"]) for c in clients) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    assert json.loads((run_dir / "config.json").read_text())["num-clients"] == 2
+
+    # the saved global adapter is a normal PEFT adapter: it loads and generates
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = PeftModel.from_pretrained(base, run_dir / "adapter")
+    out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 6)
+    assert (run_dir / "adapters" / "round-1" / "adapter_model.safetensors").exists()
+    assert _ray_processes() <= before, "the simulation left Ray processes running"

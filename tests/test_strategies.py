@@ -1,0 +1,51 @@
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from common.config import RunConfig
+from server.strategies import FedAvgLoRA, FedProxLoRA, build_strategy
+
+
+class FakeGrid:
+    """Just enough of a Grid for configure_train: a fixed set of node ids."""
+
+    def __init__(self, nodes):
+        self.nodes = nodes
+
+    def get_node_ids(self):
+        return self.nodes
+
+
+def _reply(to: Message, weights: dict, num_examples: int, loss: float) -> Message:
+    content = RecordDict({
+        "arrays": ArrayRecord({k: torch.tensor(v, dtype=torch.float32) for k, v in weights.items()}),
+        "metrics": MetricRecord({"train-loss": loss, "num-examples": num_examples}),
+    })
+    return Message(content=content, reply_to=to)
+
+
+def test_fedavg_weights_by_examples_like_a_hand_computation(flower_identity):
+    strategy = build_strategy(RunConfig(num_clients=2, min_train_clients=2))
+    assert isinstance(strategy, FedAvgLoRA)
+    initial = ArrayRecord({"w": torch.zeros(2, 2)})
+    sent = list(strategy.configure_train(1, initial, ConfigRecord(), FakeGrid([11, 22])))
+    assert len(sent) == 2
+    assert strategy.traffic.bytes_sent == sum(m.content["arrays"].count_bytes() for m in sent)
+    a, b = np.full((2, 2), 1.0), np.array([[3.0, -1.0], [0.5, 2.0]])
+    replies = [_reply(sent[0], {"w": a}, 30, 1.0), _reply(sent[1], {"w": b}, 10, 3.0)]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    expected = (30 * a + 10 * b) / 40
+    np.testing.assert_allclose(arrays["w"].numpy(), expected, rtol=1e-6)
+    assert metrics["train-loss"] == pytest.approx((30 * 1.0 + 10 * 3.0) / 40)
+    assert strategy.traffic.replies == 2
+    assert strategy.traffic.bytes_received == sum(r.content["arrays"].count_bytes() for r in replies)
+
+
+def test_fedprox_sends_mu_to_clients(flower_identity):
+    strategy = build_strategy(RunConfig(strategy="fedprox", proximal_mu=0.25, num_clients=2))
+    assert isinstance(strategy, FedProxLoRA)
+    initial = ArrayRecord({"w": torch.zeros(3)})
+    sent = list(strategy.configure_train(2, initial, ConfigRecord(), FakeGrid([1, 2])))
+    assert all(m.content["config"]["proximal-mu"] == 0.25 for m in sent)
+    assert all(m.content["config"]["server-round"] == 2 for m in sent)
