@@ -51,8 +51,9 @@ def train(msg: Message, context: Context) -> Message:
     torch.manual_seed(seed)  # LoRA dropout
     batches = batches_forever(examples, cfg.batch_size, tokenizer.pad_token_id,
                               torch.Generator().manual_seed(seed))
-    # 3. The one loop; FedProx's mu (if the strategy sent one) becomes a loss term.
-    objective = build_objective(model, proximal_mu=float(config.get(PROXIMAL_MU_KEY, 0.0)))
+    # 3. The one loop. The objective adds FedProx's term (if the strategy sent mu),
+    #    L2-SP and distillation (from the config) to the task loss.
+    objective = build_objective(model, cfg, proximal_mu=float(config.get(PROXIMAL_MU_KEY, 0.0)))
     stats = train_steps(model, batches, objective, cfg, num_steps=cfg.local_steps,
                         step_offset=(server_round - 1) * cfg.local_steps,
                         desc=f"client {partition_id} round {server_round}")

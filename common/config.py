@@ -26,7 +26,7 @@ PROXIMAL_MU_KEY = "proximal-mu"
 BUILTIN_MODEL = "smollm2-135m-instruct"
 BUILTIN_DATASET = "wordnet"
 
-STRATEGIES = ("fedavg", "fedprox")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm", "reptile")
 PARTITIONERS = ("natural", "iid", "dirichlet")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -103,10 +103,43 @@ class RunConfig:
     max_grad_norm: float = _opt("Gradient clipping norm (0: off).", default=1.0)
     eval_batch_size: int = _opt("Batch size for evaluation.", default=16)
     seed: int = _opt("Seed for LoRA init, data order and dropout.", default=0)
+    early_stopping_patience: int = _opt(
+        "fedtune train: stop after this many evaluations without a lower held-out loss "
+        "(0: off).",
+        default=0,
+    )
+    # --- objective terms (added to the task loss by common/objectives.py) -----------
+    l2sp_weight: float = _opt(
+        "L2-SP: weight of ||scale*B@A||_F^2 summed over LoRA layers, i.e. of the squared "
+        "distance of the adapted weights from the pretrained ones (0: off).",
+        default=0.0,
+    )
+    distill_teacher: str = _opt(
+        "Knowledge distillation teacher: '' (off), 'base' (the base model without the "
+        "adapter: no second copy loaded) or a causal LM name/path sharing the tokenizer.",
+        default="",
+    )
+    distill_alpha: float = _opt(
+        "Distillation: loss = alpha*CE + (1-alpha)*T^2*KL(teacher||student).", default=0.5
+    )
+    distill_temperature: float = _opt("Distillation temperature T.", default=2.0)
     # --- federation --------------------------------------------------------------
     strategy: str = _opt(f"Server strategy, one of {STRATEGIES}.", default="fedavg")
     proximal_mu: float = _opt(
         "FedProx mu: clients add (mu/2)*||w - w_global||^2 over the adapter.", default=0.0
+    )
+    server_eta: float = _opt(
+        "Server learning rate of fedadam / fedyogi / fedadagrad (Flower's eta).", default=3e-3
+    )
+    server_beta1: float = _opt("fedadam / fedyogi first-moment decay.", default=0.9)
+    server_beta2: float = _opt("fedadam / fedyogi second-moment decay.", default=0.99)
+    server_tau: float = _opt("fedadam / fedyogi / fedadagrad adaptivity (epsilon).", default=1e-3)
+    server_lr: float = _opt("fedavgm server learning rate.", default=1.0)
+    server_momentum: float = _opt("fedavgm server momentum.", default=0.9)
+    reptile_epsilon: float = _opt(
+        "reptile: server step toward the clients' average adapter, "
+        "w <- w + epsilon*(avg - w); 1 is FedAvg.",
+        default=0.5,
     )
     num_server_rounds: int = _opt("Federated rounds.", default=3)
     num_clients: int = _opt(
@@ -135,13 +168,24 @@ class RunConfig:
                      "min-train-clients", "max-length", "eval-examples"):
             if getattr(self, _attr(name)) < 1:
                 raise ValueError(f"config '{name}' must be >= 1, got {getattr(self, _attr(name))}")
-        for name in ("lr", "lora-alpha", "dirichlet-alpha", "round-timeout"):
+        for name in ("lr", "lora-alpha", "dirichlet-alpha", "round-timeout", "server-eta",
+                     "server-tau", "server-lr", "distill-temperature"):
             if not getattr(self, _attr(name)) > 0:
                 raise ValueError(f"config '{name}' must be > 0, got {getattr(self, _attr(name))}")
         for name in ("proximal-mu", "weight-decay", "max-grad-norm", "warmup-steps",
-                     "max-examples-per-client"):
+                     "max-examples-per-client", "l2sp-weight",
+                     "early-stopping-patience"):
             if getattr(self, _attr(name)) < 0:
                 raise ValueError(f"config '{name}' must be >= 0, got {getattr(self, _attr(name))}")
+        for name in ("server-beta1", "server-beta2", "server-momentum", "distill-alpha"):
+            if not 0.0 <= getattr(self, _attr(name)) <= 1.0:
+                raise ValueError(
+                    f"config '{name}' must be in [0, 1], got {getattr(self, _attr(name))}"
+                )
+        if not 0.0 < self.reptile_epsilon <= 1.0:
+            raise ValueError(
+                f"config 'reptile-epsilon' must be in (0, 1], got {self.reptile_epsilon}"
+            )
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"config 'lora-dropout' must be in [0, 1), got {self.lora_dropout}")
         if not 0.0 < self.fraction_train <= 1.0:
@@ -190,6 +234,11 @@ class RunConfig:
         if self.lora_target_modules.strip() == "all-linear":
             return "all-linear"
         return [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
+
+    @property
+    def clients_per_round(self) -> int:
+        """Clients sampled per round, as Flower's sample_nodes computes it."""
+        return max(int(self.num_clients * self.fraction_train), self.min_train_clients)
 
     @property
     def total_local_steps(self) -> int:

@@ -207,3 +207,29 @@ def adapter_num_bytes(model) -> int:
 
 def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+_TEACHERS: dict[tuple, Any] = {}
+
+
+def load_teacher(cfg: RunConfig):
+    """A frozen teacher for distillation, loaded once per process.
+
+    Teacher and student must share the tokenizer: the KL compares distributions over
+    the same token ids, so a different vocabulary would silently compare nonsense.
+    """
+    key = (cfg.distill_teacher, cfg.dtype)
+    if key in _TEACHERS:
+        return _TEACHERS[key]
+    student_vocab = load_tokenizer(cfg.model).get_vocab()
+    teacher_vocab = load_tokenizer(cfg.distill_teacher).get_vocab()
+    if student_vocab != teacher_vocab:
+        raise ValueError(
+            f"config 'distill-teacher' = {cfg.distill_teacher!r} has a different tokenizer "
+            f"than the student {cfg.model!r} ({len(teacher_vocab)} vs {len(student_vocab)} "
+            "tokens, or different ids): pick a teacher from the same model family"
+        )
+    teacher = load_base_model(cfg.distill_teacher, cfg.dtype).eval()
+    teacher.requires_grad_(False)
+    _TEACHERS[key] = teacher
+    return teacher

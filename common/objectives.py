@@ -1,14 +1,16 @@
 """Loss terms that plug into the one training loop.
 
 An objective maps (model, batch) to a scalar loss. Algorithms differ only here:
-plain fine-tuning is the task loss; FedProx adds a proximal term; later objectives
-(L2-SP, distillation) add their own terms without touching the loop.
+plain fine-tuning is the task loss; FedProx adds a proximal term, L2-SP a penalty
+toward the pretrained weights, distillation swaps the task loss for a teacher-guided
+one. The loop in ``common/train.py`` never changes.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +22,14 @@ class Objective(Protocol):
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
 
 
+# --- logits over response positions --------------------------------------------------
+def logits_to_keep(labels: torch.Tensor) -> int:
+    """How many trailing positions can predict a labelled token (right padding)."""
+    labelled = (labels != IGNORE_INDEX).any(dim=0).nonzero()
+    first = int(labelled[0]) if len(labelled) else labels.shape[1] - 1
+    return labels.shape[1] - first + 1
+
+
 def response_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits for the positions that predict a labelled token, and those labels.
 
@@ -27,9 +37,7 @@ def response_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     which is a large share of a small model's compute (49k-word vocabulary).
     """
     labels = batch["labels"]
-    labelled = (labels != IGNORE_INDEX).any(dim=0).nonzero()
-    first = int(labelled[0]) if len(labelled) else labels.shape[1] - 1
-    keep = labels.shape[1] - first + 1
+    keep = logits_to_keep(labels)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 logits_to_keep=keep)
     return out.logits[:, :-1, :], labels[:, labels.shape[1] - keep + 1:]
@@ -43,20 +51,60 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     ).view(labels.shape)
 
 
-def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean over sequences of each sequence's mean response-token NLL.
+def per_sample_mean(per_token: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over each sequence's labelled tokens, then over sequences.
 
-    A per-sample mean (not Hugging Face's mean over all tokens of the batch) so each
-    example weighs the same whatever its length, which DP-SGD's clipping also needs.
+    Each example weighs the same whatever its length (unlike Hugging Face's mean over
+    all tokens of the batch), which DP-SGD's per-sample clipping also needs.
     """
-    logits, labels = response_logits(model, batch)
-    nll = token_nll(logits, labels)
     counts = (labels != IGNORE_INDEX).sum(dim=1)
     has_tokens = counts > 0
-    per_sample = nll.sum(dim=1)[has_tokens] / counts[has_tokens]
-    return per_sample.mean()
+    return (per_token.sum(dim=1)[has_tokens] / counts[has_tokens]).mean()
 
 
+# --- task losses ---------------------------------------------------------------------
+def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy on response tokens, per-sample mean."""
+    logits, labels = response_logits(model, batch)
+    return per_sample_mean(token_nll(logits, labels), labels)
+
+
+def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                    temperature: float) -> torch.Tensor:
+    """Per-token KL(teacher || student) of the temperature-softened distributions."""
+    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=-1)
+
+
+@dataclass
+class DistillationLoss:
+    """alpha * CE(labels) + (1 - alpha) * T^2 * KL(teacher || student), response tokens.
+
+    ``teacher`` is a frozen causal LM, or None to use the student's own base model
+    with the adapter switched off (peft's ``disable_adapter``): no second copy of
+    the weights. T^2 keeps the soft-target gradients on the scale of the CE's
+    (Hinton et al., 2015).
+    """
+
+    alpha: float
+    temperature: float
+    teacher: torch.nn.Module | None = None
+
+    def __call__(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        student_logits, labels = response_logits(model, batch)
+        with torch.no_grad():
+            context = model.disable_adapter() if self.teacher is None else nullcontext()
+            with context:
+                teacher_logits, _ = response_logits(self.teacher or model, batch)
+        mask = labels != IGNORE_INDEX
+        kl = distillation_kl(student_logits, teacher_logits, self.temperature) * mask
+        ce = token_nll(student_logits, labels)
+        soft = per_sample_mean(kl, labels)
+        return self.alpha * per_sample_mean(ce, labels) + (1 - self.alpha) * self.temperature ** 2 * soft
+
+
+# --- penalty terms -------------------------------------------------------------------
 @dataclass
 class ProximalTerm:
     """FedProx: (mu/2) * ||w - w_global||^2 over the trainable (adapter) weights.
@@ -76,11 +124,46 @@ class ProximalTerm:
 
 
 @dataclass
+class L2SPTerm:
+    """L2-SP for LoRA: weight * sum over layers of ||scale * B @ A||_F^2.
+
+    The adapted weight is W0 + scale*B@A, so this is exactly L2-SP's squared distance
+    from the pretrained (starting point) weights W0, measured in function space. We do
+    not penalize A and B against their initial values instead: A starts random, so that
+    would pull toward an arbitrary point and depend on the parametrization.
+    ||BA||_F^2 = sum((B^T B) * (A A^T)) costs O(r^2 (m+n)), never forming the m x n delta.
+    """
+
+    weight: float
+
+    def __call__(self, model: torch.nn.Module) -> torch.Tensor:
+        return self.weight * lora_delta_sq_norm(model)
+
+
+def lora_delta_sq_norm(model: torch.nn.Module) -> torch.Tensor:
+    from peft.tuners.lora import LoraLayer
+
+    total = torch.zeros(())
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for name in module.active_adapters:
+            if name not in module.lora_A:
+                continue
+            a = module.lora_A[name].weight  # (r, in)
+            b = module.lora_B[name].weight  # (out, r)
+            scale = module.scaling[name]
+            total = total + scale ** 2 * ((b.T @ b) * (a @ a.T)).sum()
+    return total
+
+
+# --- composition ---------------------------------------------------------------------
+@dataclass
 class TrainObjective:
     """Task loss plus penalty terms; the loop calls this and nothing else."""
 
     task_loss: Objective = causal_lm_loss
-    penalties: list = field(default_factory=list)
+    penalties: list[Callable[[torch.nn.Module], torch.Tensor]] = field(default_factory=list)
 
     def __call__(self, model, batch) -> torch.Tensor:
         loss = self.task_loss(model, batch)
@@ -93,9 +176,21 @@ def snapshot_trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def build_objective(model, *, proximal_mu: float = 0.0) -> TrainObjective:
-    """The objective for this round; call it after the global adapter is loaded."""
-    penalties = []
+def build_objective(model, cfg=None, *, proximal_mu: float = 0.0) -> TrainObjective:
+    """The objective for this round; call it after the global adapter is loaded.
+
+    ``cfg`` (a RunConfig) switches on L2-SP and distillation; ``proximal_mu`` comes
+    from the strategy's round config (FedProx).
+    """
+    task: Objective = causal_lm_loss
+    penalties: list = []
     if proximal_mu > 0:
         penalties.append(ProximalTerm(proximal_mu, snapshot_trainable(model)))
-    return TrainObjective(penalties=penalties)
+    if cfg is not None and cfg.l2sp_weight > 0:
+        penalties.append(L2SPTerm(cfg.l2sp_weight))
+    if cfg is not None and cfg.distill_teacher:
+        from common.model import load_teacher
+
+        teacher = None if cfg.distill_teacher == "base" else load_teacher(cfg)
+        task = DistillationLoss(cfg.distill_alpha, cfg.distill_temperature, teacher)
+    return TrainObjective(task_loss=task, penalties=penalties)

@@ -30,6 +30,13 @@ EXAMPLE = """example:
 """
 
 
+TRAIN_EXAMPLE = """example:
+  fedtune train                        # centralized baseline of the default demo
+  fedtune train --partition-id 0       # local-only baseline: client 0 (noun.animal) alone
+  fedtune train --l2sp-weight 0.1 --distill-teacher base
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedtune", allow_abbrev=False, description="Federated LoRA fine-tuning of language models on Flower.",
@@ -40,6 +47,29 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLE,
         description="Run a federated fine-tuning on this machine (Flower simulation).")
     add_config_arguments(sim)
+    train = sub.add_parser(
+        "train", help="the same trainer without Flower: centralized or local-only baseline",
+        allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=TRAIN_EXAMPLE,
+        description="Fine-tune without federation, with the same config and run folder. "
+                    "Centralized: the pooled partitions of all clients, as many optimizer "
+                    "steps as the federation takes in total. Local-only (--partition-id): "
+                    "one client's partition, the steps that client takes in the federation.")
+    train.add_argument("--partition-id", type=int, default=None, metavar="N",
+                       help="train on this client's partition alone (default: all, pooled)")
+    add_config_arguments(train)
+    pers = sub.add_parser(
+        "personalize", help="adapt a run's global adapter to each client with k steps",
+        allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  fedtune personalize runs/20261126-145844 --k-steps 5\n",
+        description="Each client fine-tunes the run's global adapter for k steps on a "
+                    "support split of its data; prints its query loss before and after.")
+    pers.add_argument("run_dir", help="a run folder (its config.json and adapter are used)")
+    pers.add_argument("--k-steps", type=int, default=5, help="adaptation steps (default: 5)")
+    pers.add_argument("--support-examples", type=int, default=16,
+                      help="support split size per client (default: 16)")
+    pers.add_argument("--query-examples", type=int, default=32,
+                      help="query split size per client (default: 32)")
     return parser
 
 
@@ -163,19 +193,60 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def personalize_command(args: argparse.Namespace) -> int:
+    from safetensors.torch import load_file
+
+    from common.personalize import personalize
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.json").exists() or not (run_dir / "adapter").exists():
+        raise FileNotFoundError(f"'{run_dir}' is not a fedtune run folder (no config.json/adapter)")
+    cfg = RunConfig.from_mapping(json.loads((run_dir / "config.json").read_text()))
+    setup_process(cfg.num_threads)
+    adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    report = personalize(cfg, adapter, k_steps=args.k_steps,
+                         support_examples=args.support_examples, query_examples=args.query_examples)
+    for client, (b, a) in enumerate(zip(report.before, report.after)):
+        print(f"client {client}: query loss {b:.4f} -> {a:.4f}")
+    summary = report.summary()
+    print(f"mean query loss {summary['query-loss-before-mean']:.4f} "
+          f"(std {summary['query-loss-before-std']:.4f}) -> {summary['query-loss-after-mean']:.4f} "
+          f"(std {summary['query-loss-after-std']:.4f}) after {args.k_steps} steps")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     args = parse_args(argv)
+    if args.command == "personalize":
+        try:
+            return personalize_command(args)
+        except (ValueError, FileNotFoundError) as err:
+            print(f"fedtune: error: {err}", file=sys.stderr)
+            return 2
     try:
         cfg = config_from_args(args)
         if _is_offline_config(cfg):
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
         setup_process(cfg.num_threads)
         cfg = preflight(cfg)
+        if args.command == "train":
+            return train(cfg, args.partition_id)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"fedtune: error: {err}", file=sys.stderr)
         return 2
     return simulate(cfg)
+
+
+def train(cfg: RunConfig, partition_id: int | None) -> int:
+    from server.centralized import run_centralized
+
+    if partition_id is not None and not 0 <= partition_id < cfg.num_clients:
+        raise ValueError(f"--partition-id {partition_id} is outside 0..{cfg.num_clients - 1}")
+    started = time.perf_counter()
+    run = run_centralized(cfg, partition_id=partition_id)
+    print_summary(run.path, time.perf_counter() - started)
+    return 0
 
 
 def _is_offline_config(cfg: RunConfig) -> bool:

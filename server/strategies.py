@@ -9,7 +9,9 @@ from typing import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedProx
+from flwr.serverapp.strategy import (
+    FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi,
+)
 
 from common.config import METRICS_KEY, NUM_EXAMPLES_KEY, RunConfig
 
@@ -65,6 +67,27 @@ class FedProxLoRA(TrafficMixin, FedProx):
     """FedProx: sends ``proximal-mu``; the client adds the proximal term (objectives)."""
 
 
+class FedAdamLoRA(TrafficMixin, FedAdam):
+    """Server-side Adam over the adapter tensors (Reddi et al., 2021)."""
+
+
+class FedYogiLoRA(TrafficMixin, FedYogi):
+    """Server-side Yogi over the adapter tensors."""
+
+
+class FedAdagradLoRA(TrafficMixin, FedAdagrad):
+    """Server-side Adagrad over the adapter tensors."""
+
+
+class FedAvgMLoRA(TrafficMixin, FedAvgM):
+    """FedAvg with server momentum."""
+
+
+class ReptileLoRA(TrafficMixin, FedAvgM):
+    """Reptile's server step, w <- w + epsilon * (avg - w): FedAvgM without momentum
+    at server learning rate epsilon (epsilon = 1 is FedAvg)."""
+
+
 def build_strategy(cfg: RunConfig):
     common = dict(
         fraction_train=cfg.fraction_train,
@@ -73,6 +96,20 @@ def build_strategy(cfg: RunConfig):
         min_available_nodes=cfg.min_train_clients,
         weighted_by_key=NUM_EXAMPLES_KEY,
     )
+    adaptive = dict(eta=cfg.server_eta, tau=cfg.server_tau)
+    moments = dict(beta_1=cfg.server_beta1, beta_2=cfg.server_beta2)
     if cfg.strategy == "fedprox":
         return FedProxLoRA(proximal_mu=cfg.proximal_mu, **common)
+    if cfg.strategy == "fedadam":
+        return FedAdamLoRA(**common, **adaptive, **moments)
+    if cfg.strategy == "fedyogi":
+        return FedYogiLoRA(**common, **adaptive, **moments)
+    if cfg.strategy == "fedadagrad":
+        return FedAdagradLoRA(**common, **adaptive)
+    if cfg.strategy == "fedavgm":
+        return FedAvgMLoRA(server_learning_rate=cfg.server_lr,
+                           server_momentum=cfg.server_momentum, **common)
+    if cfg.strategy == "reptile":
+        return ReptileLoRA(server_learning_rate=cfg.reptile_epsilon, server_momentum=0.0,
+                           **common)
     return FedAvgLoRA(**common)

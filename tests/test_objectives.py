@@ -92,3 +92,108 @@ def test_schedule_continues_across_rounds():
     # round 2 of 3 (10 steps each) starts where round 1 ended, not at the peak
     assert lr_factor(10, total=total, warmup=0, schedule="cosine") < 0.8
     assert lr_factor(0, total=total, warmup=5, schedule="constant") == 0.2
+
+
+# --- L2-SP ---------------------------------------------------------------------------
+from common.model import adapter_state, set_adapter_state  # noqa: E402
+from common.objectives import (  # noqa: E402
+    DistillationLoss, L2SPTerm, distillation_kl, lora_delta_sq_norm,
+)
+
+
+def _randomize_adapter(model, seed=5, scale=0.05):
+    torch.manual_seed(seed)
+    set_adapter_state(model, {k: scale * torch.randn_like(v) for k, v in adapter_state(model).items()})
+
+
+def test_l2sp_matches_the_explicit_weight_delta(tiny_cfg):
+    from peft.tuners.lora import LoraLayer
+
+    model = get_model(tiny_cfg)
+    _randomize_adapter(model)
+    expected = torch.zeros(())
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            delta = module.scaling["default"] * module.lora_B["default"].weight @ module.lora_A["default"].weight
+            expected = expected + delta.pow(2).sum()
+    assert torch.allclose(lora_delta_sq_norm(model), expected, rtol=1e-5)
+    assert torch.allclose(L2SPTerm(0.3)(model), 0.3 * expected, rtol=1e-5)
+
+
+def _train_from(cfg, tokenizer, start, objective_cfg, steps=4):
+    model = get_model(cfg)
+    set_adapter_state(model, start)
+    torch.manual_seed(0)
+    examples = [tokenize_example(MESSAGES, tokenizer, 64)] * 8
+    batches = batches_forever(examples, 4, tokenizer.pad_token_id, torch.Generator().manual_seed(0))
+    train_steps(model, batches, build_objective(model, objective_cfg), cfg, num_steps=steps)
+    return adapter_state(model), float(lora_delta_sq_norm(model))
+
+
+def test_l2sp_weight_zero_is_plain_training_and_positive_weight_shrinks_delta(tiny_cfg, tokenizer):
+    cfg = tiny_cfg.replace(lr=0.05, lr_schedule="constant", max_grad_norm=0.0)
+    model = get_model(cfg)
+    _randomize_adapter(model)
+    start = adapter_state(model)
+    plain, plain_norm = _train_from(cfg, tokenizer, start, None)
+    zero, _ = _train_from(cfg, tokenizer, start, cfg.replace(l2sp_weight=0.0))
+    assert all(torch.equal(plain[k], zero[k]) for k in plain)
+    _, l2sp_norm = _train_from(cfg, tokenizer, start, cfg.replace(l2sp_weight=5.0))
+    assert l2sp_norm < 0.9 * plain_norm, (l2sp_norm, plain_norm)
+
+
+# --- distillation --------------------------------------------------------------------
+def test_distillation_kl_matches_hand_computation():
+    student = torch.tensor([[[1.0, 0.0, -1.0]]])
+    teacher = torch.tensor([[[0.0, 2.0, 0.0]]])
+    temperature = 2.0
+    p_t = torch.softmax(teacher / temperature, -1)
+    p_s = torch.softmax(student / temperature, -1)
+    expected = (p_t * (p_t.log() - p_s.log())).sum(-1)
+    assert torch.allclose(distillation_kl(student, teacher, temperature), expected, atol=1e-6)
+    assert torch.allclose(distillation_kl(teacher, teacher, temperature), torch.zeros(1, 1), atol=1e-7)
+
+
+def test_base_model_teacher_starts_at_zero_kl_without_a_copy(tiny_cfg, tokenizer):
+    model = get_model(tiny_cfg).eval()
+    # LoRA's B starts at zero: student == base == teacher, so only alpha*CE remains
+    set_adapter_state(model, {k: (v if "lora_A" in k else torch.zeros_like(v))
+                              for k, v in adapter_state(model).items()})
+    batch = collate([tokenize_example(MESSAGES, tokenizer, 64)], tokenizer.pad_token_id)
+    loss = DistillationLoss(alpha=0.25, temperature=2.0)(model, batch)
+    assert torch.allclose(loss, 0.25 * causal_lm_loss(model, batch), atol=1e-6)
+    objective = build_objective(model, tiny_cfg.replace(distill_teacher="base"))
+    assert objective.task_loss.teacher is None  # the student's own base weights
+
+
+def test_separate_teacher_is_frozen_through_training(tiny_cfg, tiny_model_dir, tokenizer):
+    from common.model import load_teacher
+
+    cfg = tiny_cfg.replace(distill_teacher=str(tiny_model_dir), lr=0.05)
+    teacher = load_teacher(cfg)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    model = get_model(cfg)
+    _randomize_adapter(model)
+    examples = [tokenize_example(MESSAGES, tokenizer, 64)] * 4
+    batches = batches_forever(examples, 2, tokenizer.pad_token_id, torch.Generator().manual_seed(0))
+    stats = train_steps(model, batches, build_objective(model, cfg), cfg, num_steps=3)
+    assert math.isfinite(stats.loss)
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_teacher_with_another_tokenizer_is_refused(tiny_cfg, tiny_model_dir, tmp_path):
+    import shutil
+
+    import pytest
+    from transformers import AutoTokenizer
+
+    from common.model import load_teacher
+
+    other = tmp_path / "other-teacher"
+    shutil.copytree(tiny_model_dir, other)
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.add_tokens(["<not-in-the-student>"])
+    tok.save_pretrained(other)
+    with pytest.raises(ValueError, match="has a different tokenizer than the student"):
+        load_teacher(tiny_cfg.replace(distill_teacher=str(other)))

@@ -49,3 +49,37 @@ def test_fedprox_sends_mu_to_clients(flower_identity):
     sent = list(strategy.configure_train(2, initial, ConfigRecord(), FakeGrid([1, 2])))
     assert all(m.content["config"]["proximal-mu"] == 0.25 for m in sent)
     assert all(m.content["config"]["server-round"] == 2 for m in sent)
+
+
+def _one_round(strategy, start, client_weights):
+    initial = ArrayRecord({"w": torch.tensor(start)})
+    sent = list(strategy.configure_train(1, initial, ConfigRecord(), FakeGrid([1, 2])))
+    replies = [_reply(m, {"w": w}, 10, 1.0) for m, w in zip(sent, client_weights)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    return arrays["w"].numpy()
+
+
+def test_reptile_steps_epsilon_toward_the_client_average(flower_identity):
+    start, clients = [1.0, -2.0], [[3.0, 0.0], [5.0, 2.0]]
+    avg = np.mean(clients, axis=0)
+    for epsilon in (0.25, 1.0):
+        cfg = RunConfig(strategy="reptile", reptile_epsilon=epsilon, num_clients=2)
+        got = _one_round(build_strategy(cfg), start, clients)
+        np.testing.assert_allclose(got, np.array(start) + epsilon * (avg - start), rtol=1e-6)
+    fedavg = _one_round(build_strategy(RunConfig(num_clients=2)), start, clients)
+    np.testing.assert_allclose(fedavg, avg, rtol=1e-6)  # epsilon = 1 is FedAvg
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedadagrad", "fedavgm"])
+def test_adaptive_strategies_move_toward_the_clients_and_take_their_settings(name, flower_identity):
+    cfg = RunConfig(strategy=name, server_eta=0.01, server_lr=0.5, num_clients=2)
+    strategy = build_strategy(cfg)
+    if name == "fedavgm":
+        assert strategy.server_learning_rate == 0.5 and strategy.server_momentum == 0.9
+    else:
+        assert strategy.eta == 0.01 and strategy.tau == cfg.server_tau
+    start = np.zeros(3, dtype=np.float32)
+    got = _one_round(strategy, start, [[1.0, 1.0, -1.0], [1.0, 3.0, -1.0]])
+    assert np.all(np.sign(got) == np.array([1, 1, -1]))  # a step in the clients' direction
+    if name != "fedavgm":  # adaptive steps are about eta per coordinate, whatever the scale
+        assert np.all(np.abs(got) <= 0.01 * 1.01 * 10)

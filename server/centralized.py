@@ -1,0 +1,78 @@
+"""`fedtune train`: the same trainer and run folder with no Flower.
+
+Two baselines for every federated run, on the same config:
+- centralized: the pooled partitions of all clients, with as many optimizer steps as
+  the federation takes in total (rounds x clients per round x local steps);
+- local-only (``partition_id``): one client's partition alone, with the steps that
+  client takes in the federation (rounds x local steps): the "why federate" baseline.
+Both evaluate on the same held-out set after every round-equivalent of steps.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord
+
+from common.config import RunConfig
+from common.data import batches_forever, heldout_examples, partition_examples
+from common.model import adapter_state, get_model, load_tokenizer
+from common.objectives import build_objective
+from common.runtime import setup_process
+from common.train import train_steps
+from server.app import RoundHook
+from server.checkpoints import RunFolder
+from server.strategies import RoundTraffic
+
+
+class EarlyStopping:
+    """Stop when the held-out loss has not gone lower for ``patience`` evaluations."""
+
+    def __init__(self, patience: int, initial_loss: float):
+        self.patience, self.best, self.since_best = patience, initial_loss, 0
+
+    def update(self, loss: float) -> bool:
+        if loss < self.best:
+            self.best, self.since_best = loss, 0
+        else:
+            self.since_best += 1
+        return bool(self.patience) and self.since_best >= self.patience
+
+
+class _NoWire:
+    """Stands in for a strategy in RoundHook: one local 'client', nothing sent."""
+
+    traffic: RoundTraffic | None = None
+
+
+def run_centralized(cfg: RunConfig, *, partition_id: int | None = None) -> RunFolder:
+    setup_process(cfg.num_threads)
+    run = RunFolder.create(cfg)
+    model, tokenizer = get_model(cfg), load_tokenizer(cfg.model)
+    partitions = range(cfg.num_clients) if partition_id is None else [partition_id]
+    examples = [e for p in partitions
+                for e in partition_examples(cfg, p, cfg.num_clients, tokenizer)]
+    steps_per_round = cfg.local_steps * (cfg.clients_per_round if partition_id is None else 1)
+    total_steps = steps_per_round * cfg.num_server_rounds
+    torch.manual_seed(cfg.seed)
+    batches = batches_forever(examples, cfg.batch_size, tokenizer.pad_token_id,
+                              torch.Generator().manual_seed(cfg.seed))
+    objective = build_objective(model, cfg)  # no proximal term: there is no global model
+    wire = _NoWire()
+    hook = RoundHook(cfg, run, model, tokenizer, heldout_examples(cfg, cfg.num_clients, tokenizer), wire)
+    label = "centralized" if partition_id is None else f"local-only client {partition_id}"
+    print(f"fedtune: {label}: {len(examples)} examples, {total_steps} steps, run folder {run.path}",
+          flush=True)
+    stopper = EarlyStopping(cfg.early_stopping_patience,
+                            hook(0, ArrayRecord(adapter_state(model)))["eval-loss"])
+    for server_round in range(1, cfg.num_server_rounds + 1):
+        stats = train_steps(model, batches, objective, cfg, num_steps=steps_per_round,
+                            step_offset=(server_round - 1) * steps_per_round,
+                            total_steps=total_steps, desc=f"round {server_round}")
+        wire.traffic = RoundTraffic(replies=1, clients=[{
+            "round": server_round, "train-loss": stats.loss, "num-examples": len(examples),
+            "partition-id": -1 if partition_id is None else partition_id}])
+        if stopper.update(hook(server_round, ArrayRecord(adapter_state(model)))["eval-loss"]):
+            print(f"fedtune: early stop after round {server_round}: held-out loss has not "
+                  f"improved for {stopper.since_best} evaluations", flush=True)
+            break
+    return run
