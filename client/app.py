@@ -75,9 +75,5 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg, model, tokenizer, partition_id, examples = _prepare(msg, context)
     stats = evaluate_model(model, examples[: cfg.eval_examples],
                            batch_size=cfg.eval_batch_size, pad_token_id=tokenizer.pad_token_id)
-    metrics = MetricRecord({
-        "eval-loss": stats.loss,
-        "eval-token-accuracy": stats.token_accuracy,
-        NUM_EXAMPLES_KEY: min(len(examples), cfg.eval_examples),
-    })
+    metrics = MetricRecord({**stats.row(), NUM_EXAMPLES_KEY: min(len(examples), cfg.eval_examples)})
     return Message(content=RecordDict({METRICS_KEY: metrics}), reply_to=msg)

