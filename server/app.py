@@ -67,6 +67,12 @@ class RoundHook:
                 "clients": traffic.replies,
                 "bytes-sent": traffic.bytes_sent,
                 "bytes-received": traffic.bytes_received,
+                # faults and attacks: error replies, rejected replies (per reason), and
+                # whether the global adapter changed this round
+                "failures": traffic.failures,
+                "rejected": sum(traffic.rejected.values()),
+                **{f"rejected-{reason}": n for reason, n in traffic.rejected.items()},
+                "aggregated": int(traffic.aggregated),
             })
             self.run.append_clients(clients)
             self.run.save_adapter(self.model, server_round)
@@ -82,4 +88,8 @@ def format_row(row: dict, header: bool = False) -> str:
             f" | token acc {row['eval-token-accuracy']:.3f}"
             f" | sent {row.get('bytes-sent', 0) / 1e6:6.2f} MB"
             f" | recv {row.get('bytes-received', 0) / 1e6:6.2f} MB | {row['seconds']:7.1f} s")
+    if row.get("failures") or row.get("rejected"):
+        line += f" | {row['failures']} failed, {row['rejected']} rejected"
+    if row.get("aggregated") == 0:
+        line += " | global adapter kept"
     return line

@@ -20,7 +20,7 @@ from common.config import RunConfig
 
 HISTORY_COLUMNS = (
     "round", "train-loss", "eval-loss", "eval-perplexity", "eval-token-accuracy",
-    "clients", "bytes-sent", "bytes-received", "seconds",
+    "clients", "failures", "rejected", "aggregated", "bytes-sent", "bytes-received", "seconds",
 )
 
 
