@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -18,6 +20,10 @@ from common.train import evaluate as evaluate_model
 from common.train import train_steps
 
 app = ClientApp()
+
+# Test hook, not a feature: the partition id in this variable raises in train(), as a
+# crashing client would (tests/test_robust.py checks the run survives it).
+TEST_CRASH_ENV = "FEDTUNE_TEST_CRASH_PARTITION"
 
 
 def _partition(context: Context, cfg: RunConfig) -> tuple[int, int]:
@@ -44,6 +50,8 @@ def _prepare(msg: Message, context: Context):
 def train(msg: Message, context: Context) -> Message:
     # 1. Config, cached model, the global adapter from the message, this node's data.
     cfg, model, tokenizer, partition_id, examples = _prepare(msg, context)
+    if os.environ.get(TEST_CRASH_ENV) == str(partition_id):
+        raise RuntimeError(f"{TEST_CRASH_ENV}: partition {partition_id} crashes on purpose")
     config = msg.content[CONFIG_KEY]
     server_round = int(config[SERVER_ROUND_KEY])
     # 2. Seeds per (run, round, client): reproducible, different across clients.

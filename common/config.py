@@ -28,7 +28,12 @@ BUILTIN_CLASSIFIER = "minilm-l6-v2"
 TASKS = ("causal-lm", "classification")
 BUILTIN_DATASET = "wordnet"
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm", "reptile")
+STRATEGIES = (
+    "fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm", "reptile",
+    "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan",
+)
+# Byzantine-robust aggregators (Flower's): they assume up to 'num-malicious-clients'.
+KRUM_STRATEGIES = ("krum", "multikrum", "bulyan")
 PARTITIONERS = ("natural", "iid", "dirichlet")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -154,6 +159,19 @@ class RunConfig:
         "w <- w + epsilon*(avg - w); 1 is FedAvg.",
         default=0.5,
     )
+    trim_beta: float = _opt(
+        "FedTrimmedAvg: fraction of the lowest and of the highest values cut per "
+        "coordinate before averaging, in [0, 0.5).",
+        default=0.2,
+    )
+    num_malicious_clients: int = _opt(
+        "Krum, MultiKrum, Bulyan: the number f of hostile clients to tolerate "
+        "(Krum/MultiKrum need min-train-clients >= 2f + 3, Bulyan >= 4f + 3).",
+        default=0,
+    )
+    num_clients_to_select: int = _opt(
+        "MultiKrum: updates averaged after selection (1 is Krum).", default=1
+    )
     num_server_rounds: int = _opt("Federated rounds.", default=3)
     num_clients: int = _opt(
         "Simulated clients for `fedtune simulate` (flwr run: the federation's "
@@ -161,8 +179,23 @@ class RunConfig:
         default=4,
     )
     fraction_train: float = _opt("Fraction of clients sampled per round.", default=1.0)
-    min_train_clients: int = _opt("Minimum clients per round.", default=2)
+    min_train_clients: int = _opt(
+        "Minimum clients per round, and the fewest valid replies that are aggregated "
+        "(fewer: the global adapter is kept).",
+        default=2,
+    )
     round_timeout: float = _opt("Seconds to wait for client replies.", default=3600.0)
+    # --- update validation (server/validation.py) ---------------------------------
+    max_update_norm_ratio: float = _opt(
+        "Reject a reply whose update norm, the L2 norm of (client - global adapter), "
+        "exceeds this multiple of the round's median update norm (0: off).",
+        default=10.0,
+    )
+    max_num_examples: int = _opt(
+        "Reject a reply declaring more 'num-examples' than this (FedAvg weights by it; "
+        "0: no cap).",
+        default=10_000_000,
+    )
     # --- output ------------------------------------------------------------------
     run_dir: str = _opt(
         "Run folder (adapter per round, metrics history, config). Empty: "
@@ -220,6 +253,41 @@ class RunConfig:
             raise ValueError(
                 f"config 'min-train-clients' ({self.min_train_clients}) exceeds "
                 f"'num-clients' ({self.num_clients}): lower it or add clients"
+            )
+        for name in ("num-malicious-clients", "max-update-norm-ratio", "max-num-examples"):
+            if getattr(self, _attr(name)) < 0:
+                raise ValueError(f"config '{name}' must be >= 0, got {getattr(self, _attr(name))}")
+        if self.num_clients_to_select < 1:
+            raise ValueError(
+                f"config 'num-clients-to-select' must be >= 1, got {self.num_clients_to_select}"
+            )
+        if not 0.0 <= self.trim_beta < 0.5:
+            raise ValueError(f"config 'trim-beta' must be in [0, 0.5), got {self.trim_beta}")
+        self._check_robust_strategy()
+
+    def _check_robust_strategy(self) -> None:
+        """A robust aggregator only defends with enough replies; the guard in
+        server/strategies.py refuses to aggregate fewer than 'min-train-clients', so
+        that is the count that must suffice."""
+        n, f = self.min_train_clients, self.num_malicious_clients
+        needed = {"fedmedian": 3, "fedtrimmedavg": 3, "krum": 2 * f + 3, "multikrum": 2 * f + 3,
+                  "bulyan": 4 * f + 3}.get(self.strategy, 0)
+        if n < needed:
+            raise ValueError(
+                f"config 'strategy' {self.strategy!r} with 'num-malicious-clients' {f} "
+                f"needs 'min-train-clients' >= {needed}, got {n}: raise "
+                "'min-train-clients' (and 'num-clients') or lower 'num-malicious-clients'"
+            )
+        if self.strategy == "multikrum" and self.num_clients_to_select > n - f:
+            raise ValueError(
+                f"config 'num-clients-to-select' ({self.num_clients_to_select}) must be "
+                f"<= 'min-train-clients' - 'num-malicious-clients' ({n - f}) for multikrum"
+            )
+        if self.strategy == "fedtrimmedavg" and int(self.trim_beta * n) < 1:
+            raise ValueError(
+                f"config 'trim-beta' {self.trim_beta} cuts nothing from "
+                f"'min-train-clients' {n} replies: set 'trim-beta' >= {1 / n:.3g} "
+                "or add clients"
             )
 
     # --- parsing -----------------------------------------------------------------

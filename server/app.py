@@ -65,6 +65,12 @@ class RoundHook:
                 "clients": traffic.replies,
                 "bytes-sent": traffic.bytes_sent,
                 "bytes-received": traffic.bytes_received,
+                # faults and attacks: error replies, rejected replies (per reason), and
+                # whether the global adapter changed this round
+                "failures": traffic.failures,
+                "rejected": sum(traffic.rejected.values()),
+                **{f"rejected-{reason}": n for reason, n in traffic.rejected.items()},
+                "aggregated": int(traffic.aggregated),
             })
             self.run.append_clients(clients)
             self.run.save_adapter(self.model, server_round)
@@ -82,7 +88,12 @@ def format_row(row: dict, header: bool = False) -> str:
     metrics = " | ".join(f"{short} {row[key]:8.2f}" if key == "eval-perplexity"
                          else f"{short} {row[key]:.3f}"
                          for key, short in _SHORT_NAMES.items() if key in row)
-    return (f"fedtune | round {row['round']:>3} | train loss {row.get('train-loss', float('nan')):7.4f}"
+    line = (f"fedtune | round {row['round']:>3} | train loss {row.get('train-loss', float('nan')):7.4f}"
             f" | eval loss {row['eval-loss']:7.4f} | {metrics}"
             f" | sent {row.get('bytes-sent', 0) / 1e6:6.2f} MB"
             f" | recv {row.get('bytes-received', 0) / 1e6:6.2f} MB | {row['seconds']:7.1f} s")
+    if row.get("failures") or row.get("rejected"):
+        line += f" | {row['failures']} failed, {row['rejected']} rejected"
+    if row.get("aggregated") == 0:
+        line += " | global adapter kept"
+    return line

@@ -20,7 +20,8 @@ from common.config import RunConfig
 
 HISTORY_COLUMNS = (
     "round", "train-loss", "eval-loss", "eval-perplexity", "eval-token-accuracy",
-    "eval-accuracy", "eval-macro-f1", "clients", "bytes-sent", "bytes-received", "seconds",
+    "eval-accuracy", "eval-macro-f1", "clients", "failures", "rejected", "aggregated",
+    "bytes-sent", "bytes-received", "seconds",
 )
 
 

@@ -1,19 +1,24 @@
 """Config name -> Flower strategy, plus what fedtune adds to every strategy:
-the bytes each round really moved and the per-client train metrics.
+the bytes each round really moved, the per-client train metrics, and the screening
+of replies before aggregation (``GuardMixin``, checks in ``server/validation.py``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from logging import WARNING
 from typing import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
-    FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi,
+    Bulyan, FedAdagrad, FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg,
+    FedYogi, Krum, MultiKrum,
 )
 
 from common.config import METRICS_KEY, NUM_EXAMPLES_KEY, RunConfig
+from server.validation import REASONS, UpdateGuard, screen_replies
 
 
 @dataclass
@@ -25,6 +30,8 @@ class RoundTraffic:
     replies: int = 0
     failures: int = 0
     clients: list[dict] = field(default_factory=list)
+    rejected: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REASONS, 0))
+    aggregated: bool = True  # False: too few valid replies, the global adapter is kept
 
 
 def payload_bytes(msg: Message) -> int:
@@ -45,6 +52,10 @@ class TrafficMixin:
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
+        self.count_replies(server_round, replies)
+        return super().aggregate_train(server_round, replies)
+
+    def count_replies(self, server_round: int, replies: list[Message]) -> None:
         for reply in replies:
             if reply.has_error():
                 self.traffic.failures += 1
@@ -56,34 +67,112 @@ class TrafficMixin:
                 "round": server_round, "node-id": reply.metadata.src_node_id,
                 **{k: v for k, v in metrics.items()},
             })
-        return super().aggregate_train(server_round, replies)
 
 
-class FedAvgLoRA(TrafficMixin, FedAvg):
+# --- update validation (issue 6) ---------------------------------------------------
+class GuardMixin(TrafficMixin):
+    """Screens train replies before the strategy aggregates them.
+
+    Rejected replies are logged and counted in ``traffic.rejected``, and never reach
+    the aggregator. With fewer than ``min_train_nodes`` valid replies the strategy
+    does not aggregate: ``Strategy.start`` then keeps the previous global arrays.
+    Put it first in the bases of any strategy: ``class X(GuardMixin, FlowerStrategy)``.
+    """
+
+    def __init__(self, *, guard: UpdateGuard | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.guard = guard or UpdateGuard()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self.sent_arrays = arrays  # replies are checked against what was sent
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)
+        errors = [r for r in replies if r.has_error()]
+        screened = [r for r in replies if not r.has_error()]
+        accepted, rejected = screen_replies(screened, self.sent_arrays, self.guard)
+        kept = {id(r) for r in accepted}  # rejected replies were still received
+        self.traffic.bytes_received += sum(payload_bytes(r) for r in screened
+                                           if id(r) not in kept)
+        for rejection in rejected:
+            self.traffic.rejected[rejection.reason] += 1
+            log(WARNING, "round %d: rejected the reply of node %d (%s): %s", server_round,
+                rejection.node_id, rejection.reason, rejection.detail)
+        if len(accepted) < self.min_train_nodes:
+            self.count_replies(server_round, accepted + errors)
+            self.traffic.aggregated = False
+            log(WARNING, "round %d: %d valid replies (%d failed, %d rejected), fewer than "
+                "'min-train-clients' %d: the global adapter stays as it was", server_round,
+                len(accepted), len(errors), len(rejected), self.min_train_nodes)
+            return None, None
+        return super().aggregate_train(server_round, accepted + errors)
+
+
+class FedMedianLoRA(GuardMixin, FedMedian):
+    """Coordinate-wise median of the adapters (ignores example counts)."""
+
+
+class FedTrimmedAvgLoRA(GuardMixin, FedTrimmedAvg):
+    """Coordinate-wise mean after cutting a 'trim-beta' fraction from each tail."""
+
+
+class KrumLoRA(GuardMixin, Krum):
+    """The one adapter closest to its n - f - 2 nearest neighbours."""
+
+
+class MultiKrumLoRA(GuardMixin, MultiKrum):
+    """Example-weighted mean of the 'num-clients-to-select' best Krum scores."""
+
+
+class BulyanLoRA(GuardMixin, Bulyan):
+    """MultiKrum selection, then a trimmed mean around the coordinate-wise median."""
+
+
+def build_robust_strategy(cfg: RunConfig, common: dict):
+    """The Byzantine-robust aggregators; None for any other 'strategy'."""
+    f = cfg.num_malicious_clients
+    if cfg.strategy == "fedmedian":
+        return FedMedianLoRA(**common)
+    if cfg.strategy == "fedtrimmedavg":
+        return FedTrimmedAvgLoRA(beta=cfg.trim_beta, **common)
+    if cfg.strategy == "krum":
+        return KrumLoRA(num_malicious_nodes=f, **common)
+    if cfg.strategy == "multikrum":
+        return MultiKrumLoRA(num_malicious_nodes=f,
+                             num_nodes_to_select=cfg.num_clients_to_select, **common)
+    if cfg.strategy == "bulyan":
+        return BulyanLoRA(num_malicious_nodes=f, **common)
+    return None
+# --- end update validation ------------------------------------------------------------
+
+
+class FedAvgLoRA(GuardMixin, FedAvg):
     """FedAvg over the adapter tensors, weighted by each client's example count."""
 
 
-class FedProxLoRA(TrafficMixin, FedProx):
+class FedProxLoRA(GuardMixin, FedProx):
     """FedProx: sends ``proximal-mu``; the client adds the proximal term (objectives)."""
 
 
-class FedAdamLoRA(TrafficMixin, FedAdam):
+class FedAdamLoRA(GuardMixin, FedAdam):
     """Server-side Adam over the adapter tensors (Reddi et al., 2021)."""
 
 
-class FedYogiLoRA(TrafficMixin, FedYogi):
+class FedYogiLoRA(GuardMixin, FedYogi):
     """Server-side Yogi over the adapter tensors."""
 
 
-class FedAdagradLoRA(TrafficMixin, FedAdagrad):
+class FedAdagradLoRA(GuardMixin, FedAdagrad):
     """Server-side Adagrad over the adapter tensors."""
 
 
-class FedAvgMLoRA(TrafficMixin, FedAvgM):
+class FedAvgMLoRA(GuardMixin, FedAvgM):
     """FedAvg with server momentum."""
 
 
-class ReptileLoRA(TrafficMixin, FedAvgM):
+class ReptileLoRA(GuardMixin, FedAvgM):
     """Reptile's server step, w <- w + epsilon * (avg - w): FedAvgM without momentum
     at server learning rate epsilon (epsilon = 1 is FedAvg)."""
 
@@ -95,7 +184,11 @@ def build_strategy(cfg: RunConfig):
         min_train_nodes=cfg.min_train_clients,
         min_available_nodes=cfg.min_train_clients,
         weighted_by_key=NUM_EXAMPLES_KEY,
+        guard=UpdateGuard.from_config(cfg),
     )
+    robust = build_robust_strategy(cfg, common)
+    if robust is not None:
+        return robust
     adaptive = dict(eta=cfg.server_eta, tau=cfg.server_tau)
     moments = dict(beta_1=cfg.server_beta1, beta_2=cfg.server_beta2)
     if cfg.strategy == "fedprox":
