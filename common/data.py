@@ -348,3 +348,12 @@ def partition_examples(cfg: RunConfig, partition_id: int, num_partitions: int,
 def heldout_examples(cfg: RunConfig, num_partitions: int, tokenizer) -> list[dict]:
     data = load_run_data(cfg, num_partitions)
     return tokenize_dataset(data.heldout, data.fmt, tokenizer, cfg.max_length)
+
+
+def leading_examples(cfg: RunConfig, tokenizer) -> list[dict]:
+    """The first ``eval-examples`` records of ``cfg.dataset`` in file order, tokenized:
+    what ``fedtune evaluate`` scores when no run's held-out split applies."""
+    ds = load_dataset_any(cfg.dataset)
+    fmt = detect_format(ds.column_names, cfg.data_format, cfg.dataset)
+    ds = ds.select(range(min(cfg.eval_examples, len(ds))))
+    return tokenize_dataset(ds, fmt, tokenizer, cfg.max_length)
