@@ -44,8 +44,16 @@ each subcommand's --help shows its examples and defaults.
 """
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, with its usage errors on one line like every other fedtune error
+    (subparsers inherit the class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"fedtune: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="fedtune", allow_abbrev=False, description="Federated LoRA fine-tuning of language models on Flower.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLE + TOOLS_EXAMPLE)
     sub = parser.add_subparsers(dest="command", required=True)

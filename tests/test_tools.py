@@ -93,7 +93,8 @@ def test_no_tensorboard_folder_by_default(tiny_run):
 
 
 # --- evaluate --------------------------------------------------------------------------
-def test_evaluate_matches_a_hand_computation(tiny_run, tiny_model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("with_adapter", [True, False])
+def test_evaluate_matches_a_hand_computation(with_adapter, tiny_run, tiny_model_dir, tmp_path, capsys):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -101,14 +102,17 @@ def test_evaluate_matches_a_hand_computation(tiny_run, tiny_model_dir, tmp_path,
                for w in ("alpha", "beta gamma", "delta")]
     data = tmp_path / "three.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
-    code = main(["evaluate", "--adapter", str(tiny_run.path), "--round", "1", "--dataset",
-                 str(data), "--eval-examples", "3", "--batch-size", "2", "--json"])
+    model_args = (["--adapter", str(tiny_run.path), "--round", "1"] if with_adapter
+                  else ["--model", str(tiny_model_dir)])
+    code = main(["evaluate", *model_args, "--dataset", str(data), "--eval-examples", "3",
+                 "--batch-size", "2", "--json"])
     assert code == 0
     got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                                      tiny_run.path / "adapters" / "round-1").eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    if with_adapter:
+        model = PeftModel.from_pretrained(model, tiny_run.path / "adapters" / "round-1").eval()
     nll, correct, count = 0.0, 0, 0
     for record in records:  # one unpadded sequence at a time, full logits
         ex = tokenize_example(to_messages(record, "instruction"), tokenizer, 96)
@@ -255,3 +259,16 @@ def test_tool_errors_are_one_line_and_exit_2(argv, message, tiny_run, tmp_path, 
     assert main([fill(a) for a in argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fedtune: error: ") and fill(message) in err[0], err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["export", "--adapter", "x"], "the following arguments are required: --out; see `fedtune export --help`"),
+    (["evaluate", "--round", "two"], "argument --round: invalid int value: 'two'"),
+    (["evaluate", "--adaptr", "x"], "unknown option '--adaptr'; did you mean '--adapter'?"),
+])
+def test_usage_errors_are_one_line_and_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2
+    assert len(err) == 1 and err[0].startswith("fedtune: error: ") and message in err[0], err
