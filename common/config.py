@@ -202,6 +202,10 @@ class RunConfig:
         "runs/<timestamp>.",
         default="",
     )
+    tensorboard: bool = _opt(
+        "Also write TensorBoard event files into RUN_DIR/tensorboard (true/false).",
+        default=False,
+    )
 
     def __post_init__(self) -> None:
         _check_choice("task", self.task, TASKS)
@@ -356,6 +360,8 @@ def _coerce(key: str, raw: Any, type_name: Any) -> Any:
     typ = _TYPES[type_name] if isinstance(type_name, str) else type_name
     if typ is str:
         return str(raw)
+    if typ is bool:
+        return _coerce_bool(key, raw)
     if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
         raise ValueError(f"config '{key}' expects {typ.__name__}, got {raw!r}")
     try:
@@ -369,6 +375,20 @@ def _coerce(key: str, raw: Any, type_name: Any) -> Any:
             raise ValueError(f"config '{key}' expects int, got {raw!r}")
         return int(value)
     return value
+
+
+_BOOL_WORDS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+
+
+def _coerce_bool(key: str, raw: Any) -> bool:
+    """TOML and Flower give real bools; the CLI and --run-config strings give words.
+    Only 0 and 1 count as numbers: 0.5 or 2 is more likely a typo than a wish."""
+    if isinstance(raw, bool):
+        return raw
+    word = str(raw).strip().lower() if isinstance(raw, (str, int, float)) else None
+    if word in _BOOL_WORDS or (isinstance(raw, (int, float)) and raw in (0, 1)):
+        return _BOOL_WORDS.get(word, bool(raw))
+    raise ValueError(f"config '{key}' expects true or false, got {raw!r}")
 
 
 def _unknown_key_message(key: str) -> str:

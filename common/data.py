@@ -413,3 +413,12 @@ def _tokenize(cfg: RunConfig, data: RunData, ds, tokenizer) -> list[dict]:
     if cfg.task == "classification":
         return tokenize_classification(ds, data.fmt, class_labels(cfg), tokenizer, cfg.max_length)
     return tokenize_dataset(ds, data.fmt, tokenizer, cfg.max_length)
+
+
+def leading_examples(cfg: RunConfig, tokenizer) -> list[dict]:
+    """The first ``eval-examples`` records of ``cfg.dataset`` in file order, tokenized:
+    what ``fedtune evaluate`` scores when no run's held-out split applies."""
+    ds = load_dataset_any(cfg.dataset)
+    fmt = detect_format(ds.column_names, cfg.data_format, cfg.dataset)
+    ds = ds.select(range(min(cfg.eval_examples, len(ds))))
+    return tokenize_dataset(ds, fmt, tokenizer, cfg.max_length)

@@ -17,6 +17,7 @@ from common.runtime import config_from_run_config, setup_process
 from common.train import evaluate
 from server.checkpoints import RunFolder
 from server.strategies import build_strategy
+from server.tracking import TensorBoardLog
 
 log = logging.getLogger("fedtune")
 app = ServerApp()
@@ -31,7 +32,7 @@ def main(grid: Grid, context: Context) -> None:
     model, tokenizer = get_model(cfg), load_tokenizer(cfg.model)
     heldout = heldout_examples(cfg, cfg.num_clients, tokenizer)
     strategy = build_strategy(cfg)
-    print(f"fedtune: run folder {run.path}", flush=True)
+    run.log(f"fedtune: run folder {run.path}")
     strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(adapter_state(model)),
@@ -48,14 +49,15 @@ class RoundHook:
         self.cfg, self.run, self.model, self.strategy = cfg, run, model, strategy
         self.heldout, self.pad_id = heldout, tokenizer.pad_token_id
         self.started = time.perf_counter()
-        self.total_bytes = 0
+        self.best_loss = float("inf")
+        self.tensorboard = TensorBoardLog(run.path) if cfg.tensorboard else None
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         set_adapter_state(self.model, arrays.to_torch_state_dict())
         stats = evaluate(self.model, self.heldout, batch_size=self.cfg.eval_batch_size,
                          pad_token_id=self.pad_id)
         row = {"round": server_round, **stats.row()}
-        traffic = getattr(self.strategy, "traffic", None)
+        traffic, clients = getattr(self.strategy, "traffic", None), []
         if server_round > 0 and traffic is not None:
             clients = traffic.clients
             weights = sum(c.get("num-examples", 0) for c in clients) or 1
@@ -74,9 +76,14 @@ class RoundHook:
             })
             self.run.append_clients(clients)
             self.run.save_adapter(self.model, server_round)
+            if stats.loss < self.best_loss:  # round 0 (no training) is never "best"
+                self.best_loss = stats.loss
+                self.run.mark_best(server_round)
         row["seconds"] = round(time.perf_counter() - self.started, 2)
         self.run.append_history(row)
-        print(format_row(row, header=server_round == 0), flush=True)
+        if self.tensorboard is not None:
+            self.tensorboard.write(row, clients)
+        self.run.log(format_row(row))
         return MetricRecord({k: float(v) for k, v in row.items() if k != "round"})
 
 
@@ -84,7 +91,7 @@ _SHORT_NAMES = {"eval-perplexity": "ppl", "eval-token-accuracy": "token acc",
                "eval-accuracy": "acc", "eval-macro-f1": "macro-F1"}
 
 
-def format_row(row: dict, header: bool = False) -> str:
+def format_row(row: dict) -> str:
     metrics = " | ".join(f"{short} {row[key]:8.2f}" if key == "eval-perplexity"
                          else f"{short} {row[key]:.3f}"
                          for key, short in _SHORT_NAMES.items() if key in row)

@@ -37,8 +37,14 @@ class RunFolder:
         RUN_DIR/config.json            resolved config of the run
         RUN_DIR/adapters/round-N/      global adapter after round N (PeftModel format)
         RUN_DIR/adapter -> adapters/round-N   the latest one (symlink, swapped atomically)
+        RUN_DIR/best -> adapters/round-N      the lowest held-out eval loss so far
         RUN_DIR/history.jsonl|.csv     one row per round (round 0 = before training)
         RUN_DIR/clients.jsonl          per-client train metrics per round
+        RUN_DIR/run.log                what the server printed (round lines, summary)
+        RUN_DIR/plots/*.png            curves (``fedtune plot``; end of ``fedtune simulate``)
+        RUN_DIR/tensorboard/           TensorBoard event files (with --tensorboard)
+
+    See docs/run-folder.md.
     """
 
     def __init__(self, path: Path):
@@ -61,6 +67,10 @@ class RunFolder:
     def latest_adapter(self) -> Path:
         return self.path / "adapter"
 
+    @property
+    def best_adapter(self) -> Path:
+        return self.path / "best"
+
     def save_adapter(self, model, server_round: int) -> Path:
         """``model.save_pretrained`` into a temp folder, then rename into place."""
         final = self.path / "adapters" / f"round-{server_round}"
@@ -73,12 +83,26 @@ class RunFolder:
             os.replace(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        link_tmp = self.path / ".adapter-link"
+        self._swap_link(self.latest_adapter, final.name)
+        return final
+
+    def mark_best(self, server_round: int) -> None:
+        """Point ``best`` at a saved round (call after :meth:`save_adapter`)."""
+        self._swap_link(self.best_adapter, f"round-{server_round}")
+
+    def _swap_link(self, link: Path, round_dir: str) -> None:
+        """A new relative symlink renamed over the old one: readers never see none."""
+        link_tmp = self.path / f".{link.name}-link"
         if link_tmp.is_symlink() or link_tmp.exists():
             link_tmp.unlink()
-        link_tmp.symlink_to(Path("adapters") / final.name)
-        os.replace(link_tmp, self.latest_adapter)
-        return final
+        link_tmp.symlink_to(Path("adapters") / round_dir)
+        os.replace(link_tmp, link)
+
+    def log(self, line: str) -> None:
+        """Print a line and keep it in ``run.log``, so the run's story outlives the terminal."""
+        print(line, flush=True)
+        with open(self.path / "run.log", "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
 
     def append_history(self, row: dict[str, Any]) -> None:
         with open(self.path / "history.jsonl", "a", encoding="utf-8") as fh:

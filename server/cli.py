@@ -1,5 +1,10 @@
 """`fedtune` command line: one typed config, parsed here and handed to the apps.
 
+This module dispatches: ``simulate`` lives here, ``train`` (centralized and local-only
+baselines) in ``server/centralized.py``, ``personalize`` in ``common/personalize.py``,
+the tools around a finished run (``evaluate``, ``generate``, ``export``, ``plot``) in
+``server/tools.py``.
+
 ``fedtune simulate`` runs the ServerApp and N simulated ClientApps on this machine
 through Flower's simulation engine, in a child process group, so that a finished or
 interrupted run (Ctrl-C included) leaves no Flower or Ray process behind.
@@ -21,12 +26,23 @@ from pathlib import Path
 
 from common.config import RunConfig, config_fields, parse_run_config_string
 from common.runtime import CONFIG_ENV, setup_process
+from server.tools import TRY_PROMPT, add_tool_parsers
 
 EXAMPLE = """example:
   fedtune simulate                                   # built-in demo: SmolLM2 + WordNet, 4 clients
-  fedtune simulate --num-server-rounds 5 --strategy fedprox --proximal-mu 0.01
+  fedtune simulate --num-server-rounds 5 --strategy fedprox --proximal-mu 0.01 --tensorboard
   fedtune simulate --model HuggingFaceTB/SmolLM2-360M-Instruct --dataset my_data.jsonl \\
       --partitioner iid --categories '' --num-clients 3
+
+defaults: every --key's default is in `fedtune simulate --help` (README: configuration reference).
+"""
+TOOLS_EXAMPLE = """
+after a run (RUN = the run folder it printed, e.g. runs/20261126-145844):
+  fedtune evaluate --adapter RUN                     # held-out loss, perplexity, token accuracy
+  fedtune generate --adapter RUN --compare --prompt "Define the word 'otter' (noun)."
+  fedtune export --adapter RUN/best --out models/my-model   # merged, loads without peft
+  fedtune plot RUN                                   # RUN/plots/*.png
+each subcommand's --help shows its examples and defaults.
 """
 
 
@@ -34,13 +50,23 @@ TRAIN_EXAMPLE = """example:
   fedtune train                        # centralized baseline of the default demo
   fedtune train --partition-id 0       # local-only baseline: client 0 (noun.animal) alone
   fedtune train --l2sp-weight 0.1 --distill-teacher base
+  fedtune train --task classification --model minilm-l6-v2 --partitioner iid \\
+      --categories noun.animal,noun.food,noun.plant,noun.body --batch-size 32
 """
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, with its usage errors on one line like every other fedtune error
+    (subparsers inherit the class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"fedtune: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="fedtune", allow_abbrev=False, description="Federated LoRA fine-tuning of language models on Flower.",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLE)
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLE + TOOLS_EXAMPLE)
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser(
         "simulate", help="run the server and N simulated clients on this machine", allow_abbrev=False,
@@ -58,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--partition-id", type=int, default=None, metavar="N",
                        help="train on this client's partition alone (default: all, pooled)")
     add_config_arguments(train)
+    train.set_defaults(run=train_command)
     pers = sub.add_parser(
         "personalize", help="adapt a run's global adapter to each client with k steps",
         allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -70,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="support split size per client (default: 16)")
     pers.add_argument("--query-examples", type=int, default=32,
                       help="query split size per client (default: 32)")
+    pers.set_defaults(run=personalize_command)
+    add_tool_parsers(sub)
     return parser
 
 
@@ -78,8 +107,10 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         "--run-config", metavar="'k=v ...' | FILE.toml", default="",
         help="settings as Flower's --run-config string or a TOML file; --key flags win")
     for key, default, help_text in config_fields():
+        # A bool may be given bare (--tensorboard) or with a value (--tensorboard false).
+        flag = dict(nargs="?", const="true") if isinstance(default, bool) else {}
         parser.add_argument(f"--{key}", dest=key, default=None, metavar="V",
-                            help=f"{help_text} (default: {default!r})")
+                            help=f"{help_text} (default: {default!r})", **flag)
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -132,8 +163,36 @@ def simulate(cfg: RunConfig) -> int:
     if code != 0:
         print(f"fedtune: simulation failed (exit code {code}); see the log above", file=sys.stderr)
         return code
-    print_summary(Path(cfg.run_dir), time.perf_counter() - started)
+    print_summary(Path(cfg.run_dir), time.perf_counter() - started, try_prompt(cfg))
+    plot_after_run(Path(cfg.run_dir))
     return 0
+
+
+def plot_after_run(run_dir: Path) -> None:
+    """Curves for every run; the run itself succeeded, so a plotting problem only warns."""
+    try:
+        from server.plots import plot_run
+
+        paths = plot_run(run_dir)
+        print(f"plots: {paths[0].parent}/ ({', '.join(p.name for p in paths)})")
+    except Exception as err:  # noqa: BLE001 - any failure here must not fail the run
+        print(f"fedtune: warning: plotting failed ({type(err).__name__}: {err}); "
+              f"retry with `fedtune plot {run_dir}`", file=sys.stderr)
+
+
+def try_prompt(cfg: RunConfig) -> str:
+    """A prompt like the run's data: the first held-out one (the demo: a fixed word)."""
+    from common.config import BUILTIN_DATASET
+
+    if cfg.dataset == BUILTIN_DATASET:
+        return TRY_PROMPT
+    try:
+        from common.data import load_run_data, to_messages
+
+        data = load_run_data(cfg, cfg.num_clients)  # cached since preflight
+        return to_messages(data.heldout[0], data.fmt)[-2]["content"].splitlines()[0]
+    except Exception:  # noqa: BLE001 - a hint line is not worth failing the summary
+        return "Hello"
 
 
 def _die_with_parent() -> None:
@@ -164,44 +223,61 @@ def stop_process_group(child: subprocess.Popen) -> None:
             time.sleep(0.2)
 
 
-def print_summary(run_dir: Path, seconds: float) -> None:
-    history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+def print_summary(run_dir: Path, seconds: float, prompt: str = TRY_PROMPT) -> None:
+    """The table, the headline and a command to try the model; also kept in run.log."""
+    from server.checkpoints import RunFolder
+
+    run = RunFolder(run_dir)
+    history = run.history()
     first, last = history[0], history[-1]
+    best = min(history[1:] or history, key=lambda r: r["eval-loss"])
     lm = "eval-perplexity" in first
-    columns = (["eval-perplexity", "eval-token-accuracy"] if lm
-               else ["eval-accuracy", "eval-macro-f1"])
-    names = ["perplexity", "token acc"] if lm else ["accuracy", "macro-F1"]
-    print()
-    print(f"{'round':>5} {'train loss':>10} {'eval loss':>9} " + " ".join(f"{n:>10}" for n in names)
-          + f" {'MB sent':>8} {'MB recv':>8}")
+    columns = ({"eval-perplexity": "perplexity", "eval-token-accuracy": "token acc"} if lm
+               else {"eval-accuracy": "accuracy", "eval-macro-f1": "macro-F1"})
+    lines = ["", f"{'round':>5} {'train loss':>10} {'eval loss':>9} "
+                 + " ".join(f"{name:>10}" for name in columns.values())
+                 + f" {'MB sent':>8} {'MB recv':>8}"]
     for row in history:
-        print(f"{row['round']:>5} {row.get('train-loss', math.nan):>10.4f} {row['eval-loss']:>9.4f} "
-              + " ".join(f"{row[c]:>10.2f}" if c == "eval-perplexity" else f"{row[c]:>10.3f}"
-                         for c in columns)
-              + f" {row.get('bytes-sent', 0) / 1e6:>8.2f} {row.get('bytes-received', 0) / 1e6:>8.2f}")
-    print()
+        lines.append(
+            f"{row['round']:>5} {row.get('train-loss', math.nan):>10.4f} {row['eval-loss']:>9.4f} "
+            + " ".join(f"{row[c]:>10.2f}" if c == "eval-perplexity" else f"{row[c]:>10.3f}"
+                       for c in columns)
+            + f" {row.get('bytes-sent', 0) / 1e6:>8.2f} {row.get('bytes-received', 0) / 1e6:>8.2f}")
     if lm:
         drop = 1 - last["eval-perplexity"] / first["eval-perplexity"]
-        print(f"held-out perplexity {first['eval-perplexity']:.2f} -> {last['eval-perplexity']:.2f} "
-              f"({drop:.0%} lower) after {last['round']} rounds in {seconds:.0f} s")
+        headline = (f"held-out perplexity {first['eval-perplexity']:.2f} -> "
+                    f"{last['eval-perplexity']:.2f} ({drop:.0%} lower)")
     else:
-        print(f"held-out accuracy {first['eval-accuracy']:.3f} -> {last['eval-accuracy']:.3f}, "
-              f"macro-F1 {first['eval-macro-f1']:.3f} -> {last['eval-macro-f1']:.3f} "
-              f"after {last['round']} rounds in {seconds:.0f} s")
-    print(f"run folder: {run_dir}  (global adapter: {run_dir / 'adapter'})")
+        headline = (f"held-out accuracy {first['eval-accuracy']:.3f} -> {last['eval-accuracy']:.3f}, "
+                    f"macro-F1 {first['eval-macro-f1']:.3f} -> {last['eval-macro-f1']:.3f}")
+    lines += [
+        "",
+        f"{headline} after {last['round']} rounds in {seconds:.0f} s",
+        f"run folder: {run_dir}  (global adapter: {run_dir / 'adapter'}, "
+        f"best: {run_dir / 'best'} = round {best['round']})",
+    ]
+    if lm:
+        lines.append(f"try it: fedtune generate --adapter {run_dir} --prompt {_double_quoted(prompt)}")
+    for line in lines:
+        run.log(line)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """argparse, plus a nearest-key hint for a mistyped --flag."""
-    parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        flag = next((u for u in unknown if u.startswith("--")), unknown[0])
-        keys = [f"--{key}" for key, _, _ in config_fields()] + ["--run-config"]
-        close = difflib.get_close_matches(flag.split("=")[0], keys, n=1, cutoff=0.5)
-        hint = f"; did you mean '{close[0]}'?" if close else "; see `fedtune simulate --help`"
-        parser.exit(2, f"fedtune: error: unknown option '{flag}'{hint}\n")
-    return args
+def _double_quoted(text: str) -> str:
+    """Shell double quotes: reads better than shlex.quote for prompts with apostrophes."""
+    return '"' + "".join("\\" + c if c in '"$`\\' else c for c in text) + '"'
+
+
+def train_command(args: argparse.Namespace) -> int:
+    from server.centralized import run_centralized
+
+    cfg = _prepared_config(args)
+    if args.partition_id is not None and not 0 <= args.partition_id < cfg.num_clients:
+        raise ValueError(f"--partition-id {args.partition_id} is outside 0..{cfg.num_clients - 1}")
+    started = time.perf_counter()
+    run = run_centralized(cfg, partition_id=args.partition_id)
+    print_summary(run.path, time.perf_counter() - started, try_prompt(cfg))
+    plot_after_run(run.path)
+    return 0
 
 
 def personalize_command(args: argparse.Namespace) -> int:
@@ -226,45 +302,53 @@ def personalize_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepared_config(args: argparse.Namespace) -> RunConfig:
+    """Config from flags, offline mode where nothing needs the Hub, then preflight."""
+    cfg = config_from_args(args)
+    if _is_offline_config(cfg):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    setup_process(cfg.num_threads)
+    return preflight(cfg)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """argparse, plus a nearest-key hint for a mistyped --flag."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flag = next((u for u in unknown if u.startswith("--")), unknown[0])
+        keys = _option_flags(parser, args.command)
+        close = difflib.get_close_matches(flag.split("=")[0], keys, n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; see `fedtune {args.command} --help`"
+        parser.exit(2, f"fedtune: error: unknown option '{flag}'{hint}\n")
+    return args
+
+
+def _option_flags(parser: argparse.ArgumentParser, command: str) -> list[str]:
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return [flag for flag in subparsers.choices[command]._option_string_actions
+            if flag.startswith("--") and flag != "--help"]
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     args = parse_args(argv)
-    if args.command == "personalize":
-        try:
-            return personalize_command(args)
-        except (ValueError, FileNotFoundError) as err:
-            print(f"fedtune: error: {err}", file=sys.stderr)
-            return 2
     try:
-        cfg = config_from_args(args)
-        if _is_offline_config(cfg):
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        setup_process(cfg.num_threads)
-        cfg = preflight(cfg)
-        if args.command == "train":
-            return train(cfg, args.partition_id)
+        if args.command != "simulate":
+            return args.run(args)
+        cfg = _prepared_config(args)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"fedtune: error: {err}", file=sys.stderr)
         return 2
     return simulate(cfg)
 
 
-def train(cfg: RunConfig, partition_id: int | None) -> int:
-    from server.centralized import run_centralized
-
-    if partition_id is not None and not 0 <= partition_id < cfg.num_clients:
-        raise ValueError(f"--partition-id {partition_id} is outside 0..{cfg.num_clients - 1}")
-    started = time.perf_counter()
-    run = run_centralized(cfg, partition_id=partition_id)
-    print_summary(run.path, time.perf_counter() - started)
-    return 0
-
-
 def _is_offline_config(cfg: RunConfig) -> bool:
-    from common.config import BUILTIN_DATASET, BUILTIN_MODEL
+    from common.config import BUILTIN_CLASSIFIER, BUILTIN_DATASET, BUILTIN_MODEL
 
-    local = lambda s, builtin: s == builtin or Path(s).expanduser().exists()  # noqa: E731
-    return local(cfg.model, BUILTIN_MODEL) and local(cfg.dataset, BUILTIN_DATASET)
+    local = lambda s, *builtin: s in builtin or Path(s).expanduser().exists()  # noqa: E731
+    return (local(cfg.model, BUILTIN_MODEL, BUILTIN_CLASSIFIER)
+            and local(cfg.dataset, BUILTIN_DATASET))
 
 
 if __name__ == "__main__":

@@ -60,9 +60,19 @@ def test_two_clients_two_rounds_end_to_end(tiny_model_dir, tiny_dataset, tmp_pat
         "simulate", "--model", str(tiny_model_dir), "--dataset", str(tiny_dataset),
         "--categories", "", "--num-clients", "2", "--num-server-rounds", "2",
         "--local-steps", "2", "--batch-size", "4", "--eval-examples", "8",
-        "--max-length", "64", "--lora-r", "4", "--run-dir", str(run_dir))
+        "--max-length", "64", "--lora-r", "4", "--run-dir", str(run_dir), "--tensorboard")
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     assert "held-out perplexity" in result.stdout
+    assert f"try it: fedtune generate --adapter {run_dir} --prompt \"Name item" in result.stdout
+    assert "plotting failed" not in result.stderr
+
+    # the run folder's extras: best adapter, the printed story, curves, TensorBoard
+    assert os.readlink(run_dir / "best") in ("adapters/round-1", "adapters/round-2")
+    run_log = (run_dir / "run.log").read_text()
+    assert run_log.count("fedtune | round") == 3 and "try it: fedtune generate" in run_log
+    assert sorted(p.name for p in (run_dir / "plots").glob("*.png")) == [
+        "clients.png", "loss.png", "perplexity.png", "traffic.png"]
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
     history = [json.loads(l) for l in (run_dir / "history.jsonl").read_text().splitlines()]
     assert [row["round"] for row in history] == [0, 1, 2]

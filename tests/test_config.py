@@ -74,3 +74,28 @@ def test_readme_documents_every_key():
     readme = (ROOT / "README.md").read_text()
     missing = [key for key, _, _ in config_fields() if f"| `{key}` |" not in readme]
     assert not missing, f"README's config reference lacks {missing}"
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], False),
+    (["--tensorboard"], True),
+    (["--tensorboard", "false"], False),
+    (["--tensorboard", "1"], True),
+    (["--run-config", "tensorboard=true"], True),
+    (["--run-config", "tensorboard=true", "--tensorboard", "no"], False),
+])
+def test_bool_flag_bare_or_with_a_value(argv, expected):
+    args = build_parser().parse_args(["simulate", *argv])
+    assert config_from_args(args).tensorboard is expected
+
+
+@pytest.mark.parametrize("raw, expected", [(True, True), (False, False), ("TRUE", True),
+                                           ("no", False), (0, False), (1, True)])
+def test_bool_values_from_toml_and_strings(raw, expected):
+    assert RunConfig.from_mapping({"tensorboard": raw}).tensorboard is expected
+
+
+@pytest.mark.parametrize("raw", ["maybe", 2, 0.5, ""])
+def test_bad_bool_names_the_key(raw):
+    with pytest.raises(ValueError, match="config 'tensorboard' expects true or false"):
+        RunConfig.from_mapping({"tensorboard": raw})

@@ -1,0 +1,233 @@
+"""``fedtune evaluate | generate | export | plot``: the tools around a finished run.
+
+Each tool is a parser (``add_*``) and a runner (``run_*``); the runner returns an exit
+code and raises ``ValueError`` / ``FileNotFoundError`` / ``FileExistsError`` for bad
+input, which ``server/cli.py`` prints as one line with exit code 2. The ML lives in
+``common/`` (adapters, generate, export, train.evaluate); this module only wires it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import textwrap
+from pathlib import Path
+
+from common.config import BUILTIN_DATASET, BUILTIN_MODEL, DTYPES, RunConfig
+
+TRY_PROMPT = "Define the word 'otter' (noun)."
+HELP = argparse.RawDescriptionHelpFormatter
+
+EVALUATE_EXAMPLE = f"""examples:
+  fedtune evaluate --adapter runs/20261126-145844            # latest round, the run's held-out split
+  fedtune evaluate --adapter runs/20261126-145844 --round 1
+  fedtune evaluate --adapter runs/20261126-145844/best --dataset my_eval.jsonl --eval-examples 200
+  fedtune evaluate                                           # the base model alone ({BUILTIN_MODEL})
+
+defaults: --model is the run's model (else {BUILTIN_MODEL}); with a run folder and no
+--dataset, the run's held-out split; else the first --eval-examples (96) records of
+--dataset ({BUILTIN_DATASET}).
+"""
+GENERATE_EXAMPLE = f"""examples:
+  fedtune generate --adapter runs/20261126-145844 --prompt "{TRY_PROMPT}"
+  fedtune generate --adapter runs/20261126-145844 --prompts-file prompts.txt --compare
+  fedtune generate --adapter runs/20261126-145844 --prompt "Define the word 'fig' (noun)." \\
+      --temperature 0.7 --top-p 0.9 --seed 1
+
+defaults: greedy (--temperature 0), --max-new-tokens 64, --top-p 1.0, --seed 0;
+--model is the run's model (else {BUILTIN_MODEL}).
+"""
+EXPORT_EXAMPLE = f"""examples:
+  fedtune export --adapter runs/20261126-145844 --out models/wordnet-smollm2
+  fedtune export --adapter runs/20261126-145844/best --out models/best --dtype bfloat16
+
+The folder loads without peft:
+  AutoModelForCausalLM.from_pretrained("models/wordnet-smollm2")
+defaults: --model is the run's model (else {BUILTIN_MODEL}); --dtype the run's (float32).
+"""
+PLOT_EXAMPLE = """examples:
+  fedtune plot runs/20261126-145844       # writes runs/20261126-145844/plots/*.png
+
+`fedtune simulate` runs this at the end of every run.
+"""
+
+
+def add_tool_parsers(sub) -> None:
+    p = sub.add_parser("evaluate", help="loss, perplexity and token accuracy of base + adapter",
+                       description="Evaluate a base model plus adapter on a dataset.",
+                       formatter_class=HELP, epilog=EVALUATE_EXAMPLE, allow_abbrev=False)
+    _add_model_arguments(p, adapter_required=False)
+    p.add_argument("--dataset", default=None, metavar="SOURCE",
+                   help="dataset as in `simulate --dataset` (default: the run's held-out split, "
+                        f"else '{BUILTIN_DATASET}')")
+    p.add_argument("--data-format", default=None, choices=("auto", "instruction", "chat"),
+                   help="record format (default: the run's, else auto)")
+    p.add_argument("--eval-examples", type=int, default=None, metavar="N",
+                   help="first N records of --dataset (default: 96)")
+    p.add_argument("--max-length", type=int, default=None, metavar="N",
+                   help="token cap per example (default: the run's, else 96)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="evaluation batch size (default: the run's eval-batch-size, else 16)")
+    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    p.set_defaults(run=run_evaluate)
+
+    p = sub.add_parser("generate", help="answer prompts with base + adapter (chat template)",
+                       description="Generate answers with the base model plus adapter.",
+                       formatter_class=HELP, epilog=GENERATE_EXAMPLE, allow_abbrev=False)
+    _add_model_arguments(p, adapter_required=False)
+    p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                   help="a user message (repeatable)")
+    p.add_argument("--prompts-file", default=None, metavar="FILE",
+                   help="one prompt per line (blank lines skipped)")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="(default: 64)")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="sampling temperature; 0 = greedy (default: 0)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="nucleus sampling mass, used when --temperature > 0 (default: 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--compare", action="store_true",
+                   help="print the base model's answer beside the fine-tuned one")
+    p.set_defaults(run=run_generate)
+
+    p = sub.add_parser("export", help="merge the adapter into the base weights, save a HF folder",
+                       description="Merge base + adapter into one standalone Hugging Face model folder.",
+                       formatter_class=HELP, epilog=EXPORT_EXAMPLE, allow_abbrev=False)
+    _add_model_arguments(p, adapter_required=True)
+    p.add_argument("--out", required=True, metavar="DIR", help="new folder for the merged model")
+    p.set_defaults(run=run_export)
+
+    p = sub.add_parser("plot", help="PNG curves of a run (loss, perplexity, clients, traffic)",
+                       description="Draw a run's curves into RUN_DIR/plots/.",
+                       formatter_class=HELP, epilog=PLOT_EXAMPLE, allow_abbrev=False)
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a fedtune run folder")
+    p.set_defaults(run=run_plot)
+
+
+def _add_model_arguments(p: argparse.ArgumentParser, *, adapter_required: bool) -> None:
+    p.add_argument("--adapter", required=adapter_required, default=None, metavar="PATH",
+                   help="run folder (uses its `adapter`), RUN/best, RUN/adapters/round-N, or "
+                        "any PEFT adapter folder" + ("" if adapter_required else
+                                                     " (default: none, the base model alone)"))
+    p.add_argument("--round", type=int, default=None, metavar="N",
+                   help="round N of the run folder given as --adapter (default: the latest)")
+    p.add_argument("--model", default=None, metavar="NAME_OR_PATH",
+                   help=f"base model (default: the run's model, else '{BUILTIN_MODEL}')")
+    p.add_argument("--dtype", default=None, choices=DTYPES,
+                   help="base weight dtype (default: the run's, else float32)")
+
+
+def _load(args: argparse.Namespace):
+    """(model, tokenizer, config, adapter source): the run's config when the adapter
+    comes from a run folder, so its model, dtype and max-length are the defaults."""
+    from common.adapters import attach_adapter, find_adapter
+    from common.model import load_base_model, load_tokenizer
+    from common.runtime import setup_process
+
+    if args.round is not None and not args.adapter:
+        raise ValueError("--round needs --adapter RUN_DIR")
+    source = find_adapter(args.adapter, round_num=args.round) if args.adapter else None
+    cfg = source.run_cfg if source and source.run_cfg else RunConfig()
+    cfg = cfg.replace(model=args.model or cfg.model, dtype=args.dtype or cfg.dtype)
+    if cfg.model == BUILTIN_MODEL or Path(cfg.model).expanduser().exists():
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local model: never wait on the Hub
+    setup_process(os.cpu_count() or 1)
+    tokenizer = load_tokenizer(cfg.model)
+    base = load_base_model(cfg.model, cfg.dtype)
+    model = attach_adapter(base, source.path, model_name=cfg.model) if source else base
+    return model, tokenizer, cfg, source
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from common.data import heldout_examples, leading_examples
+    from common.train import evaluate
+
+    model, tokenizer, cfg, source = _load(args)
+    use_heldout = source is not None and source.run_cfg is not None and args.dataset is None
+    if use_heldout and args.eval_examples is not None:
+        raise ValueError(f"--eval-examples needs --dataset: the run's held-out split has its "
+                         f"own size ({cfg.eval_examples}); changing it would overlap training data")
+    changes = {"dataset": args.dataset, "data_format": args.data_format,
+               "eval_examples": args.eval_examples, "max_length": args.max_length,
+               "eval_batch_size": args.batch_size}
+    cfg = cfg.replace(**{k: v for k, v in changes.items() if v is not None})
+    if use_heldout:
+        examples, data = heldout_examples(cfg, cfg.num_clients, tokenizer), "the run's held-out split"
+    else:
+        examples, data = leading_examples(cfg, tokenizer), f"first records of '{cfg.dataset}'"
+    stats = evaluate(model, examples, batch_size=cfg.eval_batch_size,
+                     pad_token_id=tokenizer.pad_token_id)
+    classify = cfg.task == "classification"
+    result = {"adapter": str(source.path) if source else None, "model": cfg.model,
+              "data": data, "examples": len(examples),
+              **({} if classify else {"tokens": stats.count}), **stats.row(prefix="")}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{result['adapter'] or 'base model'} on {data}: {len(examples)} examples"
+              + ("" if classify else f", {stats.count} response tokens"))
+        print(" | ".join(f"{k} {v:.4f}" for k, v in stats.row(prefix="").items()))
+    return 0
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from common.generate import Sampling, base_and_tuned, generate
+
+    prompts = _prompts(args)
+    if args.compare and not args.adapter:
+        raise ValueError("--compare needs --adapter: it prints base and fine-tuned answers")
+    sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        top_p=args.top_p, seed=args.seed)
+    model, tokenizer, _, _ = _load(args)
+    for prompt in prompts:
+        print(f"> {prompt}")
+        if args.compare:
+            base, tuned = base_and_tuned(model, tokenizer, prompt, sampling)
+            print(_labelled("base:       ", base))
+            print(_labelled("fine-tuned: ", tuned))
+        else:
+            print(generate(model, tokenizer, prompt, sampling))
+        print()
+    return 0
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        path = Path(args.prompts_file).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"--prompts-file '{path}' does not exist")
+        prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
+                    if line.strip()]
+    if not prompts:
+        raise ValueError(f'give --prompt TEXT or --prompts-file FILE, e.g. --prompt "{TRY_PROMPT}"')
+    return prompts
+
+
+def _labelled(label: str, text: str) -> str:
+    """label + text, continuation lines indented under the text's first line."""
+    return label + textwrap.indent(text, " " * len(label)).lstrip()
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from common.export import export_merged
+
+    out = Path(args.out).expanduser()
+    if out.exists():  # before loading the model: fail in a second, not a minute
+        raise FileExistsError(f"export folder '{out}' already exists: choose another --out")
+    model, tokenizer, _, _ = _load(args)
+    export_merged(model, tokenizer, out)
+    print(f"merged model saved to {out}; load it with "
+          f"AutoModelForCausalLM.from_pretrained('{out}') (no peft needed)")
+    return 0
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    from server.plots import plot_run
+
+    run_dir = Path(args.run_dir).expanduser()
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run folder '{run_dir}' does not exist")
+    for path in plot_run(run_dir):
+        print(path)
+    return 0
