@@ -281,17 +281,16 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def personalize_command(args: argparse.Namespace) -> int:
-    from safetensors.torch import load_file
-
+    from common.adapters import find_adapter, read_adapter_weights
     from common.personalize import personalize
 
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "config.json").exists() or not (run_dir / "adapter").exists():
-        raise FileNotFoundError(f"'{run_dir}' is not a fedtune run folder (no config.json/adapter)")
-    cfg = RunConfig.from_mapping(json.loads((run_dir / "config.json").read_text()))
+    source = find_adapter(args.run_dir)
+    if source.run_cfg is None:
+        raise ValueError(f"'{args.run_dir}' is not a fedtune run folder: personalize needs "
+                         "the run's config.json for its clients' data")
+    cfg = source.run_cfg
     setup_process(cfg.num_threads)
-    adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")
-    report = personalize(cfg, adapter, k_steps=args.k_steps,
+    report = personalize(cfg, read_adapter_weights(source.path), k_steps=args.k_steps,
                          support_examples=args.support_examples, query_examples=args.query_examples)
     for client, (b, a) in enumerate(zip(report.before, report.after)):
         print(f"client {client}: query loss {b:.4f} -> {a:.4f}")
