@@ -122,9 +122,14 @@ class RunConfig:
     eval_batch_size: int = _opt("Batch size for evaluation.", default=16)
     seed: int = _opt("Seed for LoRA init, data order and dropout.", default=0)
     early_stopping_patience: int = _opt(
-        "fedtune train: stop after this many evaluations without a lower held-out loss "
+        "fedtune train: stop after this many rounds without a lower validation loss "
         "(0: off).",
         default=0,
+    )
+    validation_examples: int = _opt(
+        "Validation split for early stopping, drawn before partitioning and apart from "
+        "the held-out split (used only when early-stopping-patience > 0).",
+        default=64,
     )
     # --- objective terms (added to the task loss by common/objectives.py) -----------
     l2sp_weight: float = _opt(
@@ -225,7 +230,7 @@ class RunConfig:
                 raise ValueError(f"config '{name}' must be > 0, got {getattr(self, _attr(name))}")
         for name in ("proximal-mu", "weight-decay", "max-grad-norm", "warmup-steps",
                      "max-examples-per-client", "l2sp-weight",
-                     "early-stopping-patience"):
+                     "early-stopping-patience", "validation-examples"):
             if getattr(self, _attr(name)) < 0:
                 raise ValueError(f"config '{name}' must be >= 0, got {getattr(self, _attr(name))}")
         for name in ("server-beta1", "server-beta2", "server-momentum", "distill-alpha"):

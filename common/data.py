@@ -207,9 +207,11 @@ def tokenize_example(messages: list[dict[str, str]], tokenizer, max_length: int)
 # --- the data of one run ---------------------------------------------------------------
 @dataclass(frozen=True)
 class RunData:
-    """Held-out split plus the partitioner over the rest (partitions built lazily)."""
+    """Held-out split, validation split (early stopping only), and the partitioner over
+    the rest (partitions built lazily)."""
 
     heldout: Any  # datasets.Dataset
+    validation: Any  # empty unless early stopping needs it: never the held-out split
     train_pool: Any
     partitioner: Any
     fmt: str
@@ -232,12 +234,14 @@ def load_run_data(cfg: RunConfig, num_partitions: int) -> RunData:
     fmt = (cfg.data_format, cfg.text_column, cfg.label_column) if cfg.task == "classification" else cfg.data_format
     return _load_run_data(cfg.dataset, fmt, cfg.categories, cfg.partitioner,
                           cfg.partition_by, cfg.dirichlet_alpha, cfg.eval_examples,
+                          cfg.validation_examples if cfg.early_stopping_patience else 0,
                           cfg.seed, num_partitions)
 
 
 @functools.lru_cache(maxsize=4)
 def _load_run_data(dataset, data_format, categories, partitioner, partition_by,
-                   dirichlet_alpha, eval_examples, seed, num_partitions) -> RunData:
+                   dirichlet_alpha, eval_examples, validation_examples, seed,
+                   num_partitions) -> RunData:
     ds = load_dataset_any(dataset)
     if isinstance(data_format, tuple):  # classification: (format, text column, label column)
         fmt = classification_format(ds.column_names, data_format[1], data_format[2], dataset)
@@ -258,13 +262,15 @@ def _load_run_data(dataset, data_format, categories, partitioner, partition_by,
         keep = set(wanted)
         ds = ds.filter(lambda r: r[partition_by] in keep)
     ds = ds.shuffle(seed=seed)
-    if len(ds) <= eval_examples:
+    held = eval_examples + validation_examples
+    if len(ds) <= held:
         raise ValueError(
-            f"dataset '{dataset}' has {len(ds)} records, not more than eval-examples "
-            f"({eval_examples}): lower --eval-examples or add data"
+            f"dataset '{dataset}' has {len(ds)} records, not more than eval-examples + "
+            f"validation-examples ({held}): lower them or add data"
         )
     heldout = ds.select(range(eval_examples))
-    pool = ds.select(range(eval_examples, len(ds)))
+    validation = ds.select(range(eval_examples, held))
+    pool = ds.select(range(held, len(ds)))
     part = _make_partitioner(partitioner, partition_by, dirichlet_alpha, seed, num_partitions)
     part.dataset = pool
     if partitioner == "natural":
@@ -275,7 +281,7 @@ def _load_run_data(dataset, data_format, categories, partitioner, partition_by,
                 f"{num_partitions} were asked for: set --num-clients {n_values} or change "
                 "--categories"
             )
-    return RunData(heldout=heldout, train_pool=pool, partitioner=part, fmt=fmt,
+    return RunData(heldout=heldout, validation=validation, train_pool=pool, partitioner=part, fmt=fmt,
                    num_partitions=num_partitions)
 
 
@@ -407,6 +413,11 @@ def partition_examples(cfg: RunConfig, partition_id: int, num_partitions: int,
 def heldout_examples(cfg: RunConfig, num_partitions: int, tokenizer) -> list[dict]:
     data = load_run_data(cfg, num_partitions)
     return _tokenize(cfg, data, data.heldout, tokenizer)
+
+
+def validation_examples(cfg: RunConfig, tokenizer) -> list[dict]:
+    data = load_run_data(cfg, cfg.num_clients)
+    return _tokenize(cfg, data, data.validation, tokenizer)
 
 
 def _tokenize(cfg: RunConfig, data: RunData, ds, tokenizer) -> list[dict]:

@@ -14,11 +14,13 @@ import torch
 from flwr.app import ArrayRecord
 
 from common.config import RunConfig
-from common.data import batches_forever, heldout_examples, partition_examples
+from common.data import (
+    batches_forever, heldout_examples, partition_examples, validation_examples,
+)
 from common.model import adapter_state, get_model, load_tokenizer
 from common.objectives import build_objective
 from common.runtime import setup_process
-from common.train import train_steps
+from common.train import evaluate, train_steps
 from server.app import RoundHook
 from server.checkpoints import RunFolder
 from server.strategies import RoundTraffic
@@ -62,8 +64,16 @@ def run_centralized(cfg: RunConfig, *, partition_id: int | None = None) -> RunFo
     label = "centralized" if partition_id is None else f"local-only client {partition_id}"
     print(f"fedtune: {label}: {len(examples)} examples, {total_steps} steps, run folder {run.path}",
           flush=True)
-    stopper = EarlyStopping(cfg.early_stopping_patience,
-                            hook(0, ArrayRecord(adapter_state(model)))["eval-loss"])
+    hook(0, ArrayRecord(adapter_state(model)))
+    # Early stopping watches its own validation split: choosing the stopping round on
+    # the held-out split would leak it into training decisions.
+    validation = validation_examples(cfg, tokenizer) if cfg.early_stopping_patience else []
+
+    def val_loss() -> float:
+        return evaluate(model, validation, batch_size=cfg.eval_batch_size,
+                        pad_token_id=tokenizer.pad_token_id).loss
+
+    stopper = EarlyStopping(cfg.early_stopping_patience, val_loss() if validation else 0.0)
     for server_round in range(1, cfg.num_server_rounds + 1):
         stats = train_steps(model, batches, objective, cfg, num_steps=steps_per_round,
                             step_offset=(server_round - 1) * steps_per_round,
@@ -71,8 +81,9 @@ def run_centralized(cfg: RunConfig, *, partition_id: int | None = None) -> RunFo
         wire.traffic = RoundTraffic(replies=1, clients=[{
             "round": server_round, "train-loss": stats.loss, "num-examples": len(examples),
             "partition-id": -1 if partition_id is None else partition_id}])
-        if stopper.update(hook(server_round, ArrayRecord(adapter_state(model)))["eval-loss"]):
-            print(f"fedtune: early stop after round {server_round}: held-out loss has not "
-                  f"improved for {stopper.since_best} evaluations", flush=True)
+        hook(server_round, ArrayRecord(adapter_state(model)))
+        if validation and stopper.update(val_loss()):
+            print(f"fedtune: early stop after round {server_round}: validation loss has not "
+                  f"improved for {stopper.since_best} rounds", flush=True)
             break
     return run

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from logging import WARNING
 from typing import Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
@@ -107,7 +108,21 @@ class GuardMixin(TrafficMixin):
                 "'min-train-clients' %d: the global adapter stays as it was", server_round,
                 len(accepted), len(errors), len(rejected), self.min_train_nodes)
             return None, None
-        return super().aggregate_train(server_round, accepted + errors)
+        arrays, metrics = super().aggregate_train(server_round, accepted + errors)
+        return keep_dtypes(arrays, self.sent_arrays), metrics
+
+
+def keep_dtypes(arrays: ArrayRecord | None, reference: ArrayRecord) -> ArrayRecord | None:
+    """Cast the aggregate back to the dtypes the server sent.
+
+    Flower's FedOpt family (FedAdam, FedYogi, FedAdagrad) computes in numpy float64 and
+    returns float64 arrays: sent on, they would double the bytes and every client's
+    float32 reply would then fail the dtype check.
+    """
+    if arrays is None or all(arrays[k].dtype == reference[k].dtype for k in arrays):
+        return arrays
+    return ArrayRecord({k: Array(arrays[k].numpy().astype(np.dtype(reference[k].dtype)))
+                        for k in arrays})
 
 
 class FedMedianLoRA(GuardMixin, FedMedian):

@@ -58,3 +58,33 @@ def test_personalize_reports_before_and_after_per_client(tiny_model_dir, tiny_da
     too_small = fedtune("personalize", str(run), "--support-examples", "2")
     assert too_small.returncode == 2
     assert "--support-examples 2 is smaller than one batch" in too_small.stderr
+
+
+def test_early_stopping_stops_a_diverging_run_on_its_validation_split(tiny_model_dir, tiny_dataset, tmp_path):
+    run = tmp_path / "run"
+    # lr 50 with no clipping blows the adapter up: the validation loss cannot improve
+    result = fedtune("train", "--model", str(tiny_model_dir), "--dataset", str(tiny_dataset),
+                     "--categories", "", "--num-clients", "2", "--num-server-rounds", "4",
+                     "--local-steps", "2", "--batch-size", "4", "--eval-examples", "8",
+                     "--validation-examples", "8", "--max-length", "64", "--lora-r", "4",
+                     "--lr", "50", "--lr-schedule", "constant", "--max-grad-norm", "0",
+                     "--early-stopping-patience", "1", "--run-dir", str(run))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "early stop after round 1" in result.stdout
+    assert [r["round"] for r in _history(run)] == [0, 1]
+    # the validation split is carved out of the training pool: 60 - 8 - 8 records remain
+    assert "centralized: 44 examples" in result.stdout
+
+
+def test_validation_split_is_disjoint_from_heldout_and_pool(tiny_dataset):
+    from common.config import RunConfig
+    from common.data import load_run_data
+
+    cfg = RunConfig(dataset=str(tiny_dataset), categories="", num_clients=2, eval_examples=8,
+                    validation_examples=6, early_stopping_patience=2)
+    data = load_run_data(cfg, 2)
+    ids = lambda ds: {r["instruction"] for r in ds}  # noqa: E731
+    assert len(data.validation) == 6 and len(data.heldout) == 8 and len(data.train_pool) == 46
+    assert not ids(data.validation) & ids(data.heldout)
+    assert not ids(data.validation) & ids(data.train_pool)
+    assert len(load_run_data(cfg.replace(early_stopping_patience=0), 2).validation) == 0

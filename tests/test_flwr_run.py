@@ -40,13 +40,16 @@ def _kill_superlinks(flwr_home: Path) -> None:
 
 @pytest.mark.skipif(_port_in_use(LOCAL_SUPERLINK_PORT),
                     reason="a SuperLink already listens on 39091; `flwr run` would reuse it")
-def test_flwr_run_completes_a_federation(tiny_model_dir, tiny_dataset, tmp_path):
+def test_flwr_run_completes_a_federation_with_algorithms_from_config(tiny_model_dir, tiny_dataset, tmp_path):
     flwr_home, run_dir = tmp_path / "flwr-home", tmp_path / "run"
     bin_dir = Path(sys.executable).parent
     env = dict(os.environ, FLWR_HOME=str(flwr_home), FLWR_TELEMETRY_ENABLED="0",
                FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", HF_HUB_OFFLINE="1",
                PATH=f"{bin_dir}:{os.environ['PATH']}")
+    # Algorithms by configuration alone, through Flower's own CLI: a server optimizer,
+    # an L2-SP penalty and distillation from the base model, together.
     run_config = (f"model='{tiny_model_dir}' dataset='{tiny_dataset}' categories='' "
+                  f"strategy='fedadam' l2sp-weight=0.01 distill-teacher='base' "
                   f"num-clients=2 num-server-rounds=2 local-steps=2 batch-size=4 "
                   f"eval-examples=8 max-length=64 lora-r=4 run-dir='{run_dir}'")
     try:

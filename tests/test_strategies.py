@@ -52,10 +52,12 @@ def test_fedprox_sends_mu_to_clients(flower_identity):
 
 
 def _one_round(strategy, start, client_weights):
-    initial = ArrayRecord({"w": torch.tensor(start)})
+    initial = ArrayRecord({"w": torch.tensor(start, dtype=torch.float32)})
     sent = list(strategy.configure_train(1, initial, ConfigRecord(), FakeGrid([1, 2])))
     replies = [_reply(m, {"w": w}, 10, 1.0) for m, w in zip(sent, client_weights)]
     arrays, _ = strategy.aggregate_train(1, replies)
+    # the next round sends this on: it must keep the dtype (FedOpt computes in float64)
+    assert arrays["w"].dtype == initial["w"].dtype
     return arrays["w"].numpy()
 
 
