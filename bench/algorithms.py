@@ -23,19 +23,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-ALGORITHMS = {  # name -> (fedtune subcommand, extra flags)
-    "centralized": ("train", []),
-    "fedavg": ("simulate", []),
-    "fedprox (mu=0.01)": ("simulate", ["--strategy", "fedprox", "--proximal-mu", "0.01"]),
-    "fedadam (eta=3e-3)": ("simulate", ["--strategy", "fedadam", "--server-eta", "0.003"]),
-    "fedavg + l2-sp (0.01)": ("simulate", ["--l2sp-weight", "0.01"]),
-    "fedavg + distill (base, a=0.5, T=2)": ("simulate", ["--distill-teacher", "base"]),
-    "reptile (eps=0.5)": ("simulate", ["--strategy", "reptile", "--reptile-epsilon", "0.5"]),
+ALGORITHMS = {  # name -> (run folder, fedtune subcommand, extra flags)
+    "centralized": ("centralized", "train", []),
+    "fedavg": ("fedavg", "simulate", []),
+    "fedprox (mu=0.01)": ("fedprox", "simulate", ["--strategy", "fedprox", "--proximal-mu", "0.01"]),
+    "fedadam (eta=3e-3)": ("fedadam", "simulate", ["--strategy", "fedadam", "--server-eta", "0.003"]),
+    "fedavg + l2-sp (0.01)": ("l2sp", "simulate", ["--l2sp-weight", "0.01"]),
+    "fedavg + distill (base, a=0.5, T=2)": ("distill", "simulate", ["--distill-teacher", "base"]),
+    "reptile (eps=0.5)": ("reptile", "simulate", ["--strategy", "reptile", "--reptile-epsilon", "0.5"]),
 }
 
 
-def run(out: Path, name: str, command: str, flags: list[str], common: list[str]) -> dict:
-    run_dir = out / name.split(" ")[0].replace("+", "")
+def run(out: Path, name: str, folder: str, command: str, flags: list[str],
+        common: list[str]) -> dict:
+    """One algorithm's run; a finished run folder is reused (the runs are deterministic)."""
+    run_dir = out / folder
     if not (run_dir / "history.jsonl").exists():
         started = time.perf_counter()
         subprocess.run([sys.executable, "-m", "server.cli", command, *common, *flags,
@@ -57,9 +59,9 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     common = ["--num-server-rounds", str(args.rounds), "--local-steps", str(args.local_steps),
               "--eval-examples", str(args.eval_examples)]
-    results = [run(args.out, name, cmd, flags, common) for name, (cmd, flags) in ALGORITHMS.items()]
-    local = [run(args.out, f"local-only-{i}", "train", ["--partition-id", str(i)], common)
-             for i in range(4)]
+    results = [run(args.out, name, *spec, common) for name, spec in ALGORITHMS.items()]
+    local = [run(args.out, f"local-only client {i}", f"local-only-{i}", "train",
+                 ["--partition-id", str(i)], common) for i in range(4)]
     write_report(results, local, args)
 
 
