@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from common.config import (
     ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, PROXIMAL_MU_KEY,
-    SERVER_ROUND_KEY, RunConfig,
+    SERVER_ROUND_KEY, TRANSPORT_DTYPE_KEY, RunConfig,
 )
 from common.data import batches_forever, partition_examples
 from common.model import adapter_state, get_model, load_tokenizer, set_adapter_state
@@ -18,6 +18,7 @@ from common.objectives import build_objective
 from common.runtime import config_from_run_config, setup_process
 from common.train import evaluate as evaluate_model
 from common.train import train_steps
+from common.transport import decode_state, encode_state
 
 app = ClientApp()
 
@@ -36,11 +37,19 @@ def _partition(context: Context, cfg: RunConfig) -> tuple[int, int]:
     return int(node["partition-id"]), int(node.get("num-partitions", cfg.num_clients))
 
 
+def _transport_dtype(msg: Message) -> str:
+    """The precision the server sent the arrays in (Flower's evaluate messages: float32)."""
+    config = msg.content.config_records.get(CONFIG_KEY, {})
+    return str(config.get(TRANSPORT_DTYPE_KEY, "float32"))
+
+
 def _prepare(msg: Message, context: Context):
     cfg = config_from_run_config(context.run_config)
     setup_process(cfg.num_threads)
     model, tokenizer = get_model(cfg), load_tokenizer(cfg.model)  # cached per process
-    set_adapter_state(model, msg.content[ARRAYS_KEY].to_torch_state_dict())
+    # Decoded to float32; loading casts to the model's dtype, which training uses.
+    arrays = {name: array.numpy() for name, array in msg.content[ARRAYS_KEY].items()}
+    set_adapter_state(model, decode_state(arrays, _transport_dtype(msg)))
     partition_id, num_partitions = _partition(context, cfg)
     examples = partition_examples(cfg, partition_id, num_partitions, tokenizer)
     return cfg, model, tokenizer, partition_id, examples
@@ -65,7 +74,8 @@ def train(msg: Message, context: Context) -> Message:
     stats = train_steps(model, batches, objective, cfg, num_steps=cfg.local_steps,
                         step_offset=(server_round - 1) * cfg.local_steps,
                         desc=f"client {partition_id} round {server_round}")
-    # 4. Reply: adapter tensors only, and metrics (num-examples weights FedAvg).
+    # 4. Reply: adapter tensors only, cast to the precision the server sent them in,
+    #    and metrics (num-examples weights FedAvg).
     metrics = MetricRecord({
         "train-loss": stats.loss,
         "train-seconds": stats.seconds,
@@ -73,7 +83,9 @@ def train(msg: Message, context: Context) -> Message:
         "partition-id": partition_id,
         NUM_EXAMPLES_KEY: len(examples),
     })
-    content = RecordDict({ARRAYS_KEY: ArrayRecord(adapter_state(model)), METRICS_KEY: metrics})
+    wire = encode_state(adapter_state(model), _transport_dtype(msg))
+    arrays = ArrayRecord({name: Array(array) for name, array in wire.items()})
+    content = RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: metrics})
     return Message(content=content, reply_to=msg)
 
 

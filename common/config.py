@@ -22,6 +22,7 @@ METRICS_KEY = "metrics"
 NUM_EXAMPLES_KEY = "num-examples"
 SERVER_ROUND_KEY = "server-round"
 PROXIMAL_MU_KEY = "proximal-mu"
+TRANSPORT_DTYPE_KEY = "transport-dtype"  # in every train message: how its arrays travel
 
 BUILTIN_MODEL = "smollm2-135m-instruct"
 BUILTIN_CLASSIFIER = "minilm-l6-v2"
@@ -37,6 +38,7 @@ KRUM_STRATEGIES = ("krum", "multikrum", "bulyan")
 PARTITIONERS = ("natural", "iid", "dirichlet")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
+TRANSPORT_DTYPES = ("float32", "float16", "bfloat16")
 DATA_FORMATS = ("auto", "instruction", "chat")
 
 
@@ -190,6 +192,12 @@ class RunConfig:
         default=2,
     )
     round_timeout: float = _opt("Seconds to wait for client replies.", default=3600.0)
+    transport_dtype: str = _opt(
+        f"Precision of the adapter tensors in train messages, both ways, one of "
+        f"{TRANSPORT_DTYPES}: 16 bits halve the traffic; clients train and the server "
+        "aggregates in full precision.",
+        default="float32",
+    )
     # --- update validation (server/validation.py) ---------------------------------
     max_update_norm_ratio: float = _opt(
         "Reject a reply whose update norm, the L2 norm of (client - global adapter), "
@@ -215,6 +223,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         _check_choice("task", self.task, TASKS)
         _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("transport-dtype", self.transport_dtype, TRANSPORT_DTYPES)
         _check_choice("data-format", self.data_format, DATA_FORMATS)
         _check_choice("partitioner", self.partitioner, PARTITIONERS)
         _check_choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)

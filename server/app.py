@@ -50,6 +50,7 @@ class RoundHook:
         self.heldout, self.pad_id = heldout, tokenizer.pad_token_id
         self.started = time.perf_counter()
         self.best_loss = float("inf")
+        self.total_bytes = 0  # sent + received since round 1: the communication budget used
         self.tensorboard = TensorBoardLog(run.path) if cfg.tensorboard else None
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -74,11 +75,13 @@ class RoundHook:
                 **{f"rejected-{reason}": n for reason, n in traffic.rejected.items()},
                 "aggregated": int(traffic.aggregated),
             })
+            self.total_bytes += traffic.bytes_sent + traffic.bytes_received
             self.run.append_clients(clients)
             self.run.save_adapter(self.model, server_round)
             if stats.loss < self.best_loss:  # round 0 (no training) is never "best"
                 self.best_loss = stats.loss
                 self.run.mark_best(server_round)
+        row["mb-total"] = round(self.total_bytes / 1e6, 3)
         row["seconds"] = round(time.perf_counter() - self.started, 2)
         self.run.append_history(row)
         if self.tensorboard is not None:
@@ -98,7 +101,8 @@ def format_row(row: dict) -> str:
     line = (f"fedtune | round {row['round']:>3} | train loss {row.get('train-loss', float('nan')):7.4f}"
             f" | eval loss {row['eval-loss']:7.4f} | {metrics}"
             f" | sent {row.get('bytes-sent', 0) / 1e6:6.2f} MB"
-            f" | recv {row.get('bytes-received', 0) / 1e6:6.2f} MB | {row['seconds']:7.1f} s")
+            f" | recv {row.get('bytes-received', 0) / 1e6:6.2f} MB"
+            f" | total {row.get('mb-total', 0):7.2f} MB | {row['seconds']:7.1f} s")
     if row.get("failures") or row.get("rejected"):
         line += f" | {row['failures']} failed, {row['rejected']} rejected"
     if row.get("aggregated") == 0:

@@ -21,7 +21,7 @@ from common.config import RunConfig
 HISTORY_COLUMNS = (
     "round", "train-loss", "eval-loss", "eval-perplexity", "eval-token-accuracy",
     "eval-accuracy", "eval-macro-f1", "clients", "failures", "rejected", "aggregated",
-    "bytes-sent", "bytes-received", "seconds",
+    "bytes-sent", "bytes-received", "mb-total", "seconds",
 )
 
 

@@ -236,13 +236,14 @@ def print_summary(run_dir: Path, seconds: float, prompt: str = TRY_PROMPT) -> No
                else {"eval-accuracy": "accuracy", "eval-macro-f1": "macro-F1"})
     lines = ["", f"{'round':>5} {'train loss':>10} {'eval loss':>9} "
                  + " ".join(f"{name:>10}" for name in columns.values())
-                 + f" {'MB sent':>8} {'MB recv':>8}"]
+                 + f" {'MB sent':>8} {'MB recv':>8} {'MB total':>9}"]
     for row in history:
         lines.append(
             f"{row['round']:>5} {row.get('train-loss', math.nan):>10.4f} {row['eval-loss']:>9.4f} "
             + " ".join(f"{row[c]:>10.2f}" if c == "eval-perplexity" else f"{row[c]:>10.3f}"
                        for c in columns)
-            + f" {row.get('bytes-sent', 0) / 1e6:>8.2f} {row.get('bytes-received', 0) / 1e6:>8.2f}")
+            + f" {row.get('bytes-sent', 0) / 1e6:>8.2f} {row.get('bytes-received', 0) / 1e6:>8.2f}"
+            + f" {row.get('mb-total', 0):>9.2f}")
     if lm:
         drop = 1 - last["eval-perplexity"] / first["eval-perplexity"]
         headline = (f"held-out perplexity {first['eval-perplexity']:.2f} -> "

@@ -72,7 +72,7 @@ def _clients(clients, path, title):
 
 
 def _traffic(history, path, title):
-    fig, ax = _figure(f"Cumulative traffic — {title}", "MB (adapter payloads)")
+    fig, ax = _figure(f"Cumulative traffic — {title}", "MB (train messages as serialized)")
     rounds = [r["round"] for r in history]
     for key, label in (("bytes-sent", "sent by the server"), ("bytes-received", "received")):
         total, cumulative = 0.0, []

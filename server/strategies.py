@@ -1,6 +1,7 @@
 """Config name -> Flower strategy, plus what fedtune adds to every strategy:
-the bytes each round really moved, the per-client train metrics, and the screening
-of replies before aggregation (``GuardMixin``, checks in ``server/validation.py``).
+the transport precision of the adapter in train messages, the bytes each round
+really moved, the per-client train metrics, and the screening of replies before
+aggregation (``GuardMixin``, checks in ``server/validation.py``).
 """
 
 from __future__ import annotations
@@ -13,12 +14,16 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.common import log
 from flwr.serverapp import Grid
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.serverapp.strategy import (
     Bulyan, FedAdagrad, FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg,
     FedYogi, Krum, MultiKrum,
 )
 
-from common.config import METRICS_KEY, NUM_EXAMPLES_KEY, RunConfig
+from common.config import (
+    ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, TRANSPORT_DTYPE_KEY, RunConfig,
+)
+from common.transport import decode_state, encode_state
 from server.validation import REASONS, UpdateGuard, screen_replies
 
 
@@ -35,26 +40,67 @@ class RoundTraffic:
     aggregated: bool = True  # False: too few valid replies, the global adapter is kept
 
 
-def payload_bytes(msg: Message) -> int:
-    """Bytes of the array payloads (tensor data + names) in one message."""
-    return sum(record.count_bytes() for record in msg.content.array_records.values())
+def message_bytes(msg: Message) -> int:
+    """Bytes Flower transfers for one message: the deflated objects of its tree.
+
+    Flower 1.42 sends a message as content-addressed objects (message, records,
+    arrays, array chunks of up to 5 MB), each pushed once per message: this sums
+    their serialized sizes, headers and metadata included, with identical chunks
+    (e.g. LoRA B matrices still at zero) counted once, as Flower sends them.
+    """
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(msg).values())
+
+
+def to_transport(arrays: ArrayRecord, dtype: str) -> ArrayRecord:
+    wire = encode_state(arrays.to_torch_state_dict(), dtype)
+    return ArrayRecord({name: Array(array) for name, array in wire.items()})
+
+
+def from_transport(arrays: ArrayRecord, dtype: str) -> ArrayRecord:
+    """Back to float32, which the server aggregates in."""
+    return ArrayRecord(decode_state({k: a.numpy() for k, a in arrays.items()}, dtype))
 
 
 class TrafficMixin:
-    """Records :class:`RoundTraffic` for the round in progress (``self.traffic``)."""
+    """Casts the adapter in train messages to the transport dtype and back, and
+    records :class:`RoundTraffic` for the round in progress (``self.traffic``)."""
 
     traffic: RoundTraffic
+    sent_arrays: ArrayRecord  # the adapter as the clients received it this round
+    global_arrays: ArrayRecord  # the global adapter this round started from (float32)
+
+    def __init__(self, *, transport_dtype: str = "float32", **kwargs):
+        super().__init__(**kwargs)
+        self.transport_dtype = transport_dtype
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        config[TRANSPORT_DTYPE_KEY] = self.transport_dtype  # the client replies in it
+        # Flower's strategy keeps `arrays` (FedOpt's current_arrays) in float32; only
+        # the messages carry the cast copy, one for all (they share their content).
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        self.traffic = RoundTraffic(bytes_sent=sum(payload_bytes(m) for m in messages))
+        self.global_arrays = arrays
+        self.sent_arrays = (arrays if self.transport_dtype == "float32"
+                            else to_transport(arrays, self.transport_dtype))
+        for message in messages:
+            message.content[ARRAYS_KEY] = self.sent_arrays
+        self.traffic = RoundTraffic(bytes_sent=sum(message_bytes(m) for m in messages))
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
         self.count_replies(server_round, replies)
+        if self.transport_dtype != "float32":  # float32 replies are aggregated as they are
+            for reply in replies:
+                if not reply.has_error():
+                    reply.content[ARRAYS_KEY] = from_transport(reply.content[ARRAYS_KEY],
+                                                               self.transport_dtype)
         return super().aggregate_train(server_round, replies)
+
+    def receive(self, replies: list[Message]) -> None:
+        """Counts the bytes of the replies as they arrived, before any screening."""
+        self.traffic.bytes_received += sum(message_bytes(r) for r in replies
+                                           if not r.has_error())
 
     def count_replies(self, server_round: int, replies: list[Message]) -> None:
         for reply in replies:
@@ -62,7 +108,6 @@ class TrafficMixin:
                 self.traffic.failures += 1
                 continue
             self.traffic.replies += 1
-            self.traffic.bytes_received += payload_bytes(reply)
             metrics = reply.content.metric_records.get(METRICS_KEY, {})
             self.traffic.clients.append({
                 "round": server_round, "node-id": reply.metadata.src_node_id,
@@ -84,19 +129,14 @@ class GuardMixin(TrafficMixin):
         super().__init__(**kwargs)
         self.guard = guard or UpdateGuard()
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        self.sent_arrays = arrays  # replies are checked against what was sent
-        return super().configure_train(server_round, arrays, config, grid)
-
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
+        self.receive(replies)  # rejected replies were received too
         errors = [r for r in replies if r.has_error()]
         screened = [r for r in replies if not r.has_error()]
-        accepted, rejected = screen_replies(screened, self.sent_arrays, self.guard)
-        kept = {id(r) for r in accepted}  # rejected replies were still received
-        self.traffic.bytes_received += sum(payload_bytes(r) for r in screened
-                                           if id(r) not in kept)
+        # Replies are checked against what was sent, in the transport dtype.
+        accepted, rejected = screen_replies(screened, self.sent_arrays, self.guard,
+                                            transport_dtype=self.transport_dtype)
         for rejection in rejected:
             self.traffic.rejected[rejection.reason] += 1
             log(WARNING, "round %d: rejected the reply of node %d (%s): %s", server_round,
@@ -109,11 +149,11 @@ class GuardMixin(TrafficMixin):
                 len(accepted), len(errors), len(rejected), self.min_train_nodes)
             return None, None
         arrays, metrics = super().aggregate_train(server_round, accepted + errors)
-        return keep_dtypes(arrays, self.sent_arrays), metrics
+        return keep_dtypes(arrays, self.global_arrays), metrics
 
 
 def keep_dtypes(arrays: ArrayRecord | None, reference: ArrayRecord) -> ArrayRecord | None:
-    """Cast the aggregate back to the dtypes the server sent.
+    """Cast the aggregate back to the dtypes of the global adapter it updates.
 
     Flower's FedOpt family (FedAdam, FedYogi, FedAdagrad) computes in numpy float64 and
     returns float64 arrays: sent on, they would double the bytes and every client's
@@ -200,6 +240,7 @@ def build_strategy(cfg: RunConfig):
         min_available_nodes=cfg.min_train_clients,
         weighted_by_key=NUM_EXAMPLES_KEY,
         guard=UpdateGuard.from_config(cfg),
+        transport_dtype=cfg.transport_dtype,
     )
     robust = build_robust_strategy(cfg, common)
     if robust is not None:

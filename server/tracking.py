@@ -14,6 +14,7 @@ TAGS = {
     "eval-token-accuracy": "eval/token_accuracy",
     "bytes-sent": "traffic/MB_sent",
     "bytes-received": "traffic/MB_received",
+    "mb-total": "traffic/MB_total",
 }
 CLIENT_TAG = "client_train_loss/{client}"  # client: see client_label
 

@@ -60,7 +60,8 @@ def test_two_clients_two_rounds_end_to_end(tiny_model_dir, tiny_dataset, tmp_pat
         "simulate", "--model", str(tiny_model_dir), "--dataset", str(tiny_dataset),
         "--categories", "", "--num-clients", "2", "--num-server-rounds", "2",
         "--local-steps", "2", "--batch-size", "4", "--eval-examples", "8",
-        "--max-length", "64", "--lora-r", "4", "--run-dir", str(run_dir), "--tensorboard")
+        "--max-length", "64", "--lora-r", "64", "--run-dir", str(run_dir), "--tensorboard",
+        "--transport-dtype", "float16")
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     assert "held-out perplexity" in result.stdout
     assert f"try it: fedtune generate --adapter {run_dir} --prompt \"Name item" in result.stdout
@@ -77,6 +78,17 @@ def test_two_clients_two_rounds_end_to_end(tiny_model_dir, tiny_dataset, tmp_pat
     history = [json.loads(l) for l in (run_dir / "history.jsonl").read_text().splitlines()]
     assert [row["round"] for row in history] == [0, 1, 2]
     assert all(row["bytes-sent"] > 0 and row["clients"] == 2 for row in history[1:])
+    # float16 transport: each message carries 2 bytes per adapter value, half of float32's
+    # 4 (plus the framing: r=64 makes the tensors dominate even on the tiny model)
+    from safetensors.torch import load_file
+
+    numel = sum(t.numel() for t in load_file(run_dir / "adapter" / "adapter_model.safetensors").values())
+    for key in ("bytes-sent", "bytes-received"):
+        per_client = history[2][key] / 2
+        assert 0.5 < per_client / (4 * numel) < 0.56, (key, per_client, numel)
+    assert history[-1]["mb-total"] == pytest.approx(
+        sum(r["bytes-sent"] + r["bytes-received"] for r in history[1:]) / 1e6, abs=1e-3)
+    assert f"total {history[-1]['mb-total']:7.2f} MB" in run_log
     clients = [json.loads(l) for l in (run_dir / "clients.jsonl").read_text().splitlines()]
     assert sorted((c["round"], c["partition-id"]) for c in clients) == [(1, 0), (1, 1), (2, 0), (2, 1)]
     assert json.loads((run_dir / "config.json").read_text())["num-clients"] == 2

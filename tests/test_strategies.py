@@ -4,7 +4,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from common.config import RunConfig
-from server.strategies import FedAvgLoRA, FedProxLoRA, build_strategy
+from server.strategies import FedAvgLoRA, FedProxLoRA, build_strategy, message_bytes
 
 
 class FakeGrid:
@@ -31,7 +31,7 @@ def test_fedavg_weights_by_examples_like_a_hand_computation(flower_identity):
     initial = ArrayRecord({"w": torch.zeros(2, 2)})
     sent = list(strategy.configure_train(1, initial, ConfigRecord(), FakeGrid([11, 22])))
     assert len(sent) == 2
-    assert strategy.traffic.bytes_sent == sum(m.content["arrays"].count_bytes() for m in sent)
+    assert strategy.traffic.bytes_sent == sum(message_bytes(m) for m in sent)
     a, b = np.full((2, 2), 1.0), np.array([[3.0, -1.0], [0.5, 2.0]])
     replies = [_reply(sent[0], {"w": a}, 30, 1.0), _reply(sent[1], {"w": b}, 10, 3.0)]
     arrays, metrics = strategy.aggregate_train(1, replies)
@@ -39,7 +39,21 @@ def test_fedavg_weights_by_examples_like_a_hand_computation(flower_identity):
     np.testing.assert_allclose(arrays["w"].numpy(), expected, rtol=1e-6)
     assert metrics["train-loss"] == pytest.approx((30 * 1.0 + 10 * 3.0) / 40)
     assert strategy.traffic.replies == 2
-    assert strategy.traffic.bytes_received == sum(r.content["arrays"].count_bytes() for r in replies)
+    assert strategy.traffic.bytes_received == sum(message_bytes(r) for r in replies)
+
+
+def test_message_bytes_count_what_flower_serializes(flower_identity):
+    """At least the tensor data, and identical chunks once, as Flower pushes them."""
+    from flwr.app.message_type import MessageType
+
+    def message(arrays):
+        return Message(RecordDict({"arrays": ArrayRecord(arrays)}), dst_node_id=1,
+                       message_type=MessageType.TRAIN)
+
+    random = message({"a": torch.randn(64, 64), "b": torch.randn(64, 64)})
+    zeros = message({"a": torch.zeros(64, 64), "b": torch.zeros(64, 64)})
+    assert 2 * 64 * 64 * 4 < message_bytes(random) < 1.05 * 2 * 64 * 64 * 4
+    assert message_bytes(zeros) < 0.55 * message_bytes(random)  # one chunk for both
 
 
 def test_fedprox_sends_mu_to_clients(flower_identity):
