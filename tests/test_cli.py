@@ -12,16 +12,26 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def fedtune(*args, timeout=600):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", FLWR_TELEMETRY_ENABLED="0")
+def fedtune(*args, timeout=600, tag=""):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", FLWR_TELEMETRY_ENABLED="0",
+               FEDTUNE_TEST_TAG=tag)
     return subprocess.run([sys.executable, "-m", "server.cli", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
-def _ray_processes() -> set[int]:
-    out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return {int(line.split()[0]) for line in out.splitlines()[1:]
-            if "raylet" in line or "gcs_server" in line or "ray::" in line}
+def _tagged_processes(tag: str) -> list[int]:
+    """Processes that inherited ``FEDTUNE_TEST_TAG=tag``: the run's own simulation and
+    Ray processes, and no one else's (the machine may run other simulations)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                environ = (entry / "environ").read_bytes()
+            except OSError:
+                continue
+            if f"FEDTUNE_TEST_TAG={tag}".encode() in environ.split(b"\0"):
+                found.append(int(entry.name))
+    return found
 
 
 @pytest.mark.parametrize("args, message", [
@@ -55,13 +65,13 @@ def test_two_clients_two_rounds_end_to_end(tiny_model_dir, tiny_dataset, tmp_pat
     from transformers import AutoModelForCausalLM
 
     run_dir = tmp_path / "run"
-    before = _ray_processes()
+    tag = f"e2e-{os.getpid()}-{run_dir.name}"
     result = fedtune(
         "simulate", "--model", str(tiny_model_dir), "--dataset", str(tiny_dataset),
         "--categories", "", "--num-clients", "2", "--num-server-rounds", "2",
         "--local-steps", "2", "--batch-size", "4", "--eval-examples", "8",
         "--max-length", "64", "--lora-r", "64", "--run-dir", str(run_dir), "--tensorboard",
-        "--transport-dtype", "float16")
+        "--transport-dtype", "float16", tag=tag)
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     assert "held-out perplexity" in result.stdout
     assert f"try it: fedtune generate --adapter {run_dir} --prompt \"Name item" in result.stdout
@@ -99,4 +109,4 @@ def test_two_clients_two_rounds_end_to_end(tiny_model_dir, tiny_dataset, tmp_pat
     out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 6)
     assert (run_dir / "adapters" / "round-1" / "adapter_model.safetensors").exists()
-    assert _ray_processes() <= before, "the simulation left Ray processes running"
+    assert _tagged_processes(tag) == [], "the simulation left processes running"
