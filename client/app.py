@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -18,12 +16,9 @@ from common.objectives import build_objective
 from common.runtime import config_from_run_config, setup_process
 from common.train import evaluate as evaluate_model
 from common.train import train_steps
+from client.faults import corrupt_if_asked, crash_if_asked
 
 app = ClientApp()
-
-# Test hook, not a feature: the partition id in this variable raises in train(), as a
-# crashing client would (tests/test_robust.py checks the run survives it).
-TEST_CRASH_ENV = "FEDTUNE_TEST_CRASH_PARTITION"
 
 
 def _partition(context: Context, cfg: RunConfig) -> tuple[int, int]:
@@ -50,8 +45,7 @@ def _prepare(msg: Message, context: Context):
 def train(msg: Message, context: Context) -> Message:
     # 1. Config, cached model, the global adapter from the message, this node's data.
     cfg, model, tokenizer, partition_id, examples = _prepare(msg, context)
-    if os.environ.get(TEST_CRASH_ENV) == str(partition_id):
-        raise RuntimeError(f"{TEST_CRASH_ENV}: partition {partition_id} crashes on purpose")
+    crash_if_asked(partition_id)  # test hook (client/faults.py); no-op unless asked
     config = msg.content[CONFIG_KEY]
     server_round = int(config[SERVER_ROUND_KEY])
     # 2. Seeds per (run, round, client): reproducible, different across clients.
@@ -73,7 +67,8 @@ def train(msg: Message, context: Context) -> Message:
         "partition-id": partition_id,
         NUM_EXAMPLES_KEY: len(examples),
     })
-    content = RecordDict({ARRAYS_KEY: ArrayRecord(adapter_state(model)), METRICS_KEY: metrics})
+    state = corrupt_if_asked(partition_id, adapter_state(model), msg.content[ARRAYS_KEY])
+    content = RecordDict({ARRAYS_KEY: ArrayRecord(state), METRICS_KEY: metrics})
     return Message(content=content, reply_to=msg)
 
 
