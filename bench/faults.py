@@ -35,9 +35,12 @@ def simulate(run_dir: Path, flags: list[str], faults: bool) -> dict:
         env["FEDTUNE_TEST_CORRUPT"] = ",".join(f"{p}:{how}" for p, how in CORRUPT.items())
         env["FEDTUNE_TEST_CRASH_PARTITION"] = str(CRASH)
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run each time: numbers are measured
+    run_dir.mkdir(parents=True)
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "server.cli", "simulate", *flags, "--run-dir", str(run_dir)],
-                   cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+    with open(run_dir / "simulate.log", "w") as log:  # Flower and Ray talk a lot
+        subprocess.run([sys.executable, "-m", "server.cli", "simulate", *flags,
+                        "--run-dir", str(run_dir)], cwd=ROOT, env=env, check=True,
+                       stdout=log, stderr=subprocess.STDOUT)
     history = [json.loads(l) for l in (run_dir / "history.jsonl").read_text().splitlines()]
     return {"history": history, "seconds": time.perf_counter() - started}
 
@@ -89,7 +92,9 @@ def write_report(clean: dict, faulty: dict, args) -> None:
         "",
         f"Measured by `python bench/faults.py --rounds {args.rounds} --local-steps "
         f"{args.local_steps} --eval-examples {args.eval_examples} --max-examples-per-client "
-        f"{args.max_examples_per_client}` on {platform.node() or 'this machine'} "
+        f"{args.max_examples_per_client}"
+        + (f" --model {args.model}" if args.model != "smollm2-135m-instruct" else "")
+        + f"` on {platform.node() or 'this machine'} "
         f"({os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, shared "
         f"with other jobs, so the times are rough), {time.strftime('%Y-%m-%d')}.",
         "",

@@ -218,7 +218,7 @@ def _chat_messages(messages: Any) -> list[dict[str, str]]:
         _text(message.get("content"), f"message {i} content", scalar=False)
     if messages[-1]["role"] != "assistant":
         raise ValueError("a chat record must end with an assistant message")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+    return messages  # as given: a template may use more keys than role and content
 
 
 def _text(value: Any, name: str, *, scalar: bool = True) -> str:

@@ -117,10 +117,12 @@ class RoundHook:
         row["seconds"] = round(time.perf_counter() - self.started, 2)
         self.run.append_history(row)
         if server_round > 0:  # last: the state file commits the round for --resume
+            # `fedtune train` passes a stand-in strategy without a server optimizer
+            optimizer_state = getattr(self.strategy, "optimizer_state", dict)
             self.run.save_state(ServerState(
                 server_round=server_round, config=self.cfg.to_mapping(),
                 arrays={k: a.numpy() for k, a in arrays.items()},
-                optimizer=self.strategy.optimizer_state()))
+                optimizer=optimizer_state()))
         if self.tensorboard is not None:
             self.tensorboard.write(row, clients)
         self.run.log(format_row(row))

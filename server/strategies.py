@@ -77,7 +77,7 @@ class GuardMixin(TrafficMixin):
     Rejected replies are logged and counted in ``traffic.rejected``, and never reach
     the aggregator. With fewer than ``min_train_nodes`` valid replies the strategy
     does not aggregate: ``Strategy.start`` then keeps the previous global arrays.
-    Put it first in the bases of any strategy: ``class X(GuardMixin, FlowerStrategy)``.
+    Bases of any strategy: ``class X(ResumableMixin, GuardMixin, FlowerStrategy)``.
     """
 
     def __init__(self, *, guard: UpdateGuard | None = None, **kwargs):
