@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -18,13 +16,10 @@ from common.objectives import build_objective
 from common.runtime import config_from_run_config, setup_process
 from common.train import evaluate as evaluate_model
 from common.train import train_steps
+from client.faults import corrupt_if_asked, crash_if_asked
 from common.transport import decode_state, encode_state
 
 app = ClientApp()
-
-# Test hook, not a feature: the partition id in this variable raises in train(), as a
-# crashing client would (tests/test_robust.py checks the run survives it).
-TEST_CRASH_ENV = "FEDTUNE_TEST_CRASH_PARTITION"
 
 
 def _partition(context: Context, cfg: RunConfig) -> tuple[int, int]:
@@ -43,13 +38,18 @@ def _transport_dtype(msg: Message) -> str:
     return str(config.get(TRANSPORT_DTYPE_KEY, "float32"))
 
 
+def _global_state(msg: Message) -> dict:
+    """The global adapter this message carries, decoded to float32 tensors."""
+    arrays = {name: array.numpy() for name, array in msg.content[ARRAYS_KEY].items()}
+    return decode_state(arrays, _transport_dtype(msg))
+
+
 def _prepare(msg: Message, context: Context):
     cfg = config_from_run_config(context.run_config)
     setup_process(cfg.num_threads)
     model, tokenizer = get_model(cfg), load_tokenizer(cfg.model)  # cached per process
     # Decoded to float32; loading casts to the model's dtype, which training uses.
-    arrays = {name: array.numpy() for name, array in msg.content[ARRAYS_KEY].items()}
-    set_adapter_state(model, decode_state(arrays, _transport_dtype(msg)))
+    set_adapter_state(model, _global_state(msg))
     partition_id, num_partitions = _partition(context, cfg)
     examples = partition_examples(cfg, partition_id, num_partitions, tokenizer)
     return cfg, model, tokenizer, partition_id, examples
@@ -59,8 +59,7 @@ def _prepare(msg: Message, context: Context):
 def train(msg: Message, context: Context) -> Message:
     # 1. Config, cached model, the global adapter from the message, this node's data.
     cfg, model, tokenizer, partition_id, examples = _prepare(msg, context)
-    if os.environ.get(TEST_CRASH_ENV) == str(partition_id):
-        raise RuntimeError(f"{TEST_CRASH_ENV}: partition {partition_id} crashes on purpose")
+    crash_if_asked(partition_id)  # test hook (client/faults.py); no-op unless asked
     config = msg.content[CONFIG_KEY]
     server_round = int(config[SERVER_ROUND_KEY])
     # 2. Seeds per (run, round, client): reproducible, different across clients.
@@ -83,7 +82,8 @@ def train(msg: Message, context: Context) -> Message:
         "partition-id": partition_id,
         NUM_EXAMPLES_KEY: len(examples),
     })
-    wire = encode_state(adapter_state(model), _transport_dtype(msg))
+    state = corrupt_if_asked(partition_id, adapter_state(model), _global_state(msg))
+    wire = encode_state(state, _transport_dtype(msg))
     arrays = ArrayRecord({name: Array(array) for name, array in wire.items()})
     content = RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: metrics})
     return Message(content=content, reply_to=msg)

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -114,6 +115,11 @@ class RunConfig:
     lr_schedule: str = _opt(
         f"One of {LR_SCHEDULES}; decays over all rounds, not restarting per round.",
         default="cosine",
+    )
+    lr_schedule_steps: int = _opt(
+        "Length of the LR schedule in optimizer steps per client (0: num-server-rounds * "
+        "local-steps). Set it to keep the original decay when --resume extends a run.",
+        default=0,
     )
     warmup_steps: int = _opt("Linear warmup steps at the start of the run.", default=0)
     weight_decay: float = _opt("AdamW weight decay.", default=0.0)
@@ -219,6 +225,12 @@ class RunConfig:
         "Also write TensorBoard event files into RUN_DIR/tensorboard (true/false).",
         default=False,
     )
+    # --- resume (server/checkpoints.py) ------------------------------------------------
+    resume_from: str = _opt(
+        "Run folder to continue from its last completed round, in place (`fedtune simulate "
+        "--resume RUN_DIR`). Task, model, LoRA settings and strategy must match the run's.",
+        default="",
+    )
 
     def __post_init__(self) -> None:
         _check_choice("task", self.task, TASKS)
@@ -239,7 +251,8 @@ class RunConfig:
                 raise ValueError(f"config '{name}' must be > 0, got {getattr(self, _attr(name))}")
         for name in ("proximal-mu", "weight-decay", "max-grad-norm", "warmup-steps",
                      "max-examples-per-client", "l2sp-weight",
-                     "early-stopping-patience", "validation-examples"):
+                     "early-stopping-patience", "validation-examples",
+                     "lr-schedule-steps"):
             if getattr(self, _attr(name)) < 0:
                 raise ValueError(f"config '{name}' must be >= 0, got {getattr(self, _attr(name))}")
         for name in ("server-beta1", "server-beta2", "server-momentum", "distill-alpha"):
@@ -282,6 +295,17 @@ class RunConfig:
         if not 0.0 <= self.trim_beta < 0.5:
             raise ValueError(f"config 'trim-beta' must be in [0, 0.5), got {self.trim_beta}")
         self._check_robust_strategy()
+        self._check_resume()
+
+    def _check_resume(self) -> None:
+        """A resumed run continues in its own folder: its history and best link go on."""
+        if self.resume_from and self.run_dir and (
+                os.path.normpath(self.run_dir) != os.path.normpath(self.resume_from)):
+            raise ValueError(
+                f"config 'run-dir' ({self.run_dir!r}) differs from 'resume-from' "
+                f"({self.resume_from!r}): a resumed run continues in its own folder, so "
+                "leave 'run-dir' empty"
+            )
 
     def _check_robust_strategy(self) -> None:
         """A robust aggregator only defends with enough replies; the guard in
@@ -347,8 +371,8 @@ class RunConfig:
 
     @property
     def total_local_steps(self) -> int:
-        """Optimizer steps one client takes over the whole run (schedule length)."""
-        return self.num_server_rounds * self.local_steps
+        """Schedule length in one client's optimizer steps: by default the whole run."""
+        return self.lr_schedule_steps or self.num_server_rounds * self.local_steps
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

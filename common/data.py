@@ -110,13 +110,18 @@ def _load_file(path: Path):
         raise ValueError(f"dataset file '{path}' is empty")
     kind = _FILE_SUFFIXES[path.suffix]
     if kind == "json":
+        rows = _read_json_rows(path)
         try:
-            rows = _read_json_rows(path)
-        except UnicodeDecodeError as err:
-            raise ValueError(f"dataset file '{path}' is not UTF-8 ({err.reason})") from None
-        if not rows:
+            ds = datasets.Dataset.from_list(rows)
+        except UnicodeEncodeError:  # json.loads keeps escapes like "\ud800"; Arrow cannot
+            raise ValueError(f"dataset file '{path}' holds a string with a lone surrogate "
+                             "escape (e.g. \\ud800), which is not text: fix the escape") from None
+        except (ValueError, TypeError, OverflowError) as err:  # pyarrow: mixed types per field
+            raise ValueError(f"dataset file '{path}' does not fit one table "
+                             f"({_first_line(err)}): give each field one type in every record") from None
+        if len(ds) == 0:  # also [{}]: Arrow makes a table of no rows and no columns
             raise ValueError(f"dataset file '{path}' holds no records")
-        return datasets.Dataset.from_list(rows)
+        return ds
     try:
         builder = "csv" if kind == "csv" else "parquet"
         return datasets.load_dataset(builder, data_files=str(path), split="train")
@@ -125,29 +130,42 @@ def _load_file(path: Path):
 
 
 def _read_json_rows(path: Path) -> list[dict[str, Any]]:
-    text = path.read_text(encoding="utf-8")
+    try:  # utf-8-sig: editors on Windows write a byte order mark
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"dataset file '{path}' is not UTF-8 (byte {err.start}: "
+                         f"{err.reason})") from None
     if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"dataset file '{path}' is not valid JSON: {err}") from None
+        data = _parse_json(text, f"dataset file '{path}'")
         if isinstance(data, dict):
             data = next((v for v in data.values() if isinstance(v, list)), None)
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
             raise ValueError(f"dataset file '{path}' must hold a list of objects")
         return data
     rows = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # split on "\n" only: str.splitlines() also splits at U+2028 and other breaks that
+    # JSON allows raw inside a string, and would cut such a record in two
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"dataset file '{path}' line {lineno} is not JSON: {err.msg}") from None
+        row = _parse_json(line, f"dataset file '{path}' line {lineno}")
         if not isinstance(row, dict):
             raise ValueError(f"dataset file '{path}' line {lineno} is not a JSON object")
         rows.append(row)
     return rows
+
+
+def _parse_json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where} is not JSON: {err.msg} (column {err.colno})") from None
+    except RecursionError:  # json's C decoder recurses per nesting level
+        raise ValueError(f"{where} is nested too deeply to parse") from None
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 # --- formats -------------------------------------------------------------------------
@@ -170,16 +188,19 @@ def detect_format(columns: list[str], requested: str, source: str) -> str:
     return requested
 
 
-def to_messages(record: dict[str, Any], fmt: str) -> list[dict[str, str]]:
-    """One record as chat messages; the last message is the response to learn."""
+def to_messages(record: Any, fmt: str) -> list[dict[str, str]]:
+    """One record as chat messages; the last message is the response to learn.
+
+    A record of the wrong shape raises one ValueError saying what is wrong: records
+    come from users' files, so any JSON value may sit in any field.
+    """
+    if not isinstance(record, dict):
+        raise ValueError(f"a record must be an object, got {type(record).__name__}")
     if fmt == "chat":
-        messages = record["messages"]
-        if not messages or messages[-1].get("role") != "assistant":
-            raise ValueError("a chat record must end with an assistant message")
-        return messages
-    prompt = str(record["instruction"] or "").strip()
-    extra = str(record.get("input") or "").strip()
-    answer = str(record["output"] or "").strip()
+        return _chat_messages(record.get("messages"))
+    prompt = _text(record.get("instruction"), "instruction").strip()
+    extra = _text(record.get("input"), "input").strip()
+    answer = _text(record.get("output"), "output").strip()
     if not prompt or not answer:
         raise ValueError("an instruction record needs non-empty 'instruction' and 'output'")
     if extra:
@@ -187,12 +208,45 @@ def to_messages(record: dict[str, Any], fmt: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
 
 
+def _chat_messages(messages: Any) -> list[dict[str, str]]:
+    if not isinstance(messages, list) or len(messages) < 2:
+        raise ValueError("a chat record needs 'messages': a list of at least a prompt and "
+                         "an assistant message")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ValueError(f"message {i} must be an object with a string 'role' and 'content'")
+        _text(message.get("content"), f"message {i} content", scalar=False)
+    if messages[-1]["role"] != "assistant":
+        raise ValueError("a chat record must end with an assistant message")
+    return messages  # as given: a template may use more keys than role and content
+
+
+def _text(value: Any, name: str, *, scalar: bool = True) -> str:
+    """A field as text: None is empty; numbers (as CSV loads them) are written out when
+    ``scalar``; lists, objects and lone surrogates (tokenizers reject them) are errors."""
+    if value is None and scalar:
+        return ""
+    if scalar and isinstance(value, (int, float)):
+        return str(value)
+    if not isinstance(value, str):
+        raise ValueError(f"'{name}' must be text, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"'{name}' holds a lone surrogate (an escape like \\ud800), "
+                         "which is not text") from None
+    return value
+
+
 def tokenize_example(messages: list[dict[str, str]], tokenizer, max_length: int) -> dict | None:
     """Token ids with labels on the final response only (prompt tokens get -100)."""
-    prompt_text = tokenizer.apply_chat_template(
-        messages[:-1], tokenize=False, add_generation_prompt=True
-    )
-    full_text = tokenizer.apply_chat_template(messages, tokenize=False)
+    try:  # a template may reject a role or an order it does not know (jinja raises)
+        prompt_text = tokenizer.apply_chat_template(
+            messages[:-1], tokenize=False, add_generation_prompt=True
+        )
+        full_text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception as err:  # noqa: BLE001 - jinja, ValueError, TypeError: one message
+        raise ValueError(f"the chat template cannot render it: {_first_line(err)}") from None
     if not full_text.startswith(prompt_text):
         raise ValueError("chat template does not render the prompt as a prefix of the dialogue")
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]

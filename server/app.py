@@ -1,5 +1,6 @@
-"""ServerApp: initial adapter, strategy, and a per-round hook that evaluates the
-global adapter on the held-out set, saves it, and appends the metrics history."""
+"""ServerApp: initial adapter (or a resumed run's), strategy, and a per-round hook that
+evaluates the global adapter on the held-out set, saves it with the server state, and
+appends the metrics history."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import logging
 import os
 import time
 
-from flwr.app import ArrayRecord, Context, MetricRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig
@@ -15,7 +17,7 @@ from common.data import heldout_examples
 from common.model import adapter_state, get_model, load_tokenizer, set_adapter_state
 from common.runtime import config_from_run_config, setup_process
 from common.train import evaluate
-from server.checkpoints import RunFolder
+from server.checkpoints import RunFolder, ServerState, check_resumable
 from server.strategies import build_strategy
 from server.tracking import TensorBoardLog
 
@@ -28,32 +30,66 @@ def main(grid: Grid, context: Context) -> None:
     cfg = config_from_run_config(context.run_config)
     # Clients are idle while the server evaluates, so it may use every core.
     setup_process(os.cpu_count() or 1)
-    run = RunFolder.create(cfg)
     model, tokenizer = get_model(cfg), load_tokenizer(cfg.model)
-    heldout = heldout_examples(cfg, cfg.num_clients, tokenizer)
     strategy = build_strategy(cfg)
-    run.log(f"fedtune: run folder {run.path}")
+    run, initial_arrays, done, best_loss = open_run(cfg, strategy, model)
+    heldout = heldout_examples(cfg, cfg.num_clients, tokenizer)
+    # A resumed run runs only the rounds left; the strategy and the hook add `done`
+    # to Flower's round numbers (server/resume.py explains why).
     strategy.start(
         grid=grid,
-        initial_arrays=ArrayRecord(adapter_state(model)),
-        num_rounds=cfg.num_server_rounds,
+        initial_arrays=initial_arrays,
+        num_rounds=cfg.num_server_rounds - done,
         timeout=cfg.round_timeout,
-        evaluate_fn=RoundHook(cfg, run, model, tokenizer, heldout, strategy),
+        evaluate_fn=RoundHook(cfg, run, model, tokenizer, heldout, strategy,
+                              resumed_round=done, best_loss=best_loss),
     )
+
+
+def open_run(cfg: RunConfig, strategy, model) -> tuple[RunFolder, ArrayRecord, int, float]:
+    """A new run folder and the initial adapter; or, with 'resume-from', the run's
+    folder rewound to its last saved server state, the exact global arrays of that
+    round, and the strategy's optimizer state and round offset restored.
+    Returns (run, initial arrays, rounds done, best eval loss so far)."""
+    if not cfg.resume_from:
+        run = RunFolder.create(cfg)
+        run.log(f"fedtune: run folder {run.path}")
+        return run, ArrayRecord(adapter_state(model)), 0, float("inf")
+    run = RunFolder.reopen(cfg.resume_from)
+    state = run.load_state()
+    check_resumable(state, cfg, run.path)
+    expected = {k: tuple(v.shape) for k, v in adapter_state(model).items()}
+    if {k: tuple(v.shape) for k, v in state.arrays.items()} != expected:
+        raise ValueError(f"cannot resume '{run.path}': its adapter tensors differ in names or "
+                         "shapes from this model's LoRA adapter: start a new run")
+    strategy.load_optimizer_state(state.optimizer)
+    strategy.round_offset = state.server_round
+    best_loss = run.rewind(state.server_round)
+    run.write_config(cfg.replace(run_dir=str(run.path)))  # this segment's settings
+    run.log(f"fedtune: resuming run folder {run.path} after round {state.server_round} "
+            f"(rounds {state.server_round + 1}..{cfg.num_server_rounds})")
+    arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.arrays.items()})
+    return run, arrays, state.server_round, best_loss
 
 
 class RoundHook:
     """Called by ``Strategy.start`` before round 1 and after every round."""
 
-    def __init__(self, cfg: RunConfig, run: RunFolder, model, tokenizer, heldout, strategy):
+    def __init__(self, cfg: RunConfig, run: RunFolder, model, tokenizer, heldout, strategy, *,
+                 resumed_round: int = 0, best_loss: float = float("inf")):
         self.cfg, self.run, self.model, self.strategy = cfg, run, model, strategy
         self.heldout, self.pad_id = heldout, tokenizer.pad_token_id
-        self.started = time.perf_counter()
-        self.best_loss = float("inf")
-        self.total_bytes = 0  # sent + received since round 1: the communication budget used
+        self.offset, self.best_loss = resumed_round, best_loss
+        history = run.history()  # a resumed run's seconds and MB go on from where they stopped
+        self.started = time.perf_counter() - (history[-1]["seconds"] if history else 0.0)
+        # sent + received since round 1: the communication budget used
+        self.total_bytes = int(history[-1].get("mb-total", 0) * 1e6) if history else 0
         self.tensorboard = TensorBoardLog(run.path) if cfg.tensorboard else None
 
-    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        server_round += self.offset
+        if self.offset and server_round == self.offset:
+            return None  # Flower's "round 0" of a resumed run: that round is in the history
         set_adapter_state(self.model, arrays.to_torch_state_dict())
         stats = evaluate(self.model, self.heldout, batch_size=self.cfg.eval_batch_size,
                          pad_token_id=self.pad_id)
@@ -84,6 +120,13 @@ class RoundHook:
         row["mb-total"] = round(self.total_bytes / 1e6, 3)
         row["seconds"] = round(time.perf_counter() - self.started, 2)
         self.run.append_history(row)
+        if server_round > 0:  # last: the state file commits the round for --resume
+            # `fedtune train` passes a stand-in strategy without a server optimizer
+            optimizer_state = getattr(self.strategy, "optimizer_state", dict)
+            self.run.save_state(ServerState(
+                server_round=server_round, config=self.cfg.to_mapping(),
+                arrays={k: a.numpy() for k, a in arrays.items()},
+                optimizer=optimizer_state()))
         if self.tensorboard is not None:
             self.tensorboard.write(row, clients)
         self.run.log(format_row(row))

@@ -1,7 +1,8 @@
-"""The run folder: config, global adapter per round (PEFT format), metrics history.
+"""The run folder: config, global adapter per round (PEFT format), metrics history,
+and the server state that ``--resume`` continues from.
 
 Every write is atomic (temp file or folder, then rename), so a crash never leaves a
-half-written adapter or history behind.
+half-written adapter, history or server state behind.
 """
 
 from __future__ import annotations
@@ -13,8 +14,13 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import safetensors.numpy
 
 from common.config import RunConfig
 
@@ -23,6 +29,50 @@ HISTORY_COLUMNS = (
     "eval-accuracy", "eval-macro-f1", "clients", "failures", "rejected", "aggregated",
     "bytes-sent", "bytes-received", "mb-total", "seconds",
 )
+
+
+STATE_DIR = "state"
+# What an adapter and a server optimizer state are made of: a checkpoint trained with
+# other values of these cannot be continued (other keys, e.g. num-server-rounds, may change).
+RESUME_KEYS = ("task", "model", "lora-r", "lora-alpha", "lora-target-modules", "strategy")
+_VERSIONED = ("fedtune", "flwr", "torch", "transformers", "peft", "numpy")
+
+
+@dataclass(frozen=True)
+class ServerState:
+    """What ``--resume`` needs besides the adapter folder: the global arrays exactly as
+    the strategy holds them (FedAdam's are float64, the PEFT adapter is the model's
+    float32 copy), the server optimizer's state by attribute, and the run's config."""
+
+    server_round: int
+    arrays: dict[str, np.ndarray]
+    optimizer: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+
+
+def check_resumable(state: ServerState, cfg: RunConfig, run_dir: Path) -> None:
+    """Refuse a checkpoint that the current settings cannot continue, naming why."""
+    now = cfg.to_mapping()
+    diffs = [f"{key} {state.config.get(key)!r} -> {now[key]!r}" for key in RESUME_KEYS
+             if state.config.get(key) != now[key]]
+    if diffs:
+        raise ValueError(f"cannot resume '{run_dir}': it was trained with other settings "
+                         f"({'; '.join(diffs)}): resume with the run's settings or start a new run")
+    if state.server_round >= cfg.num_server_rounds:
+        raise ValueError(f"run '{run_dir}' has already completed round {state.server_round} of "
+                         f"'num-server-rounds' {cfg.num_server_rounds}: raise --num-server-rounds "
+                         "to continue it")
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in _VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "unknown"
+    return versions
 
 
 def new_run_dir(cfg: RunConfig) -> Path:
@@ -43,6 +93,7 @@ class RunFolder:
         RUN_DIR/run.log                what the server printed (round lines, summary)
         RUN_DIR/plots/*.png            curves (``fedtune plot``; end of ``fedtune simulate``)
         RUN_DIR/tensorboard/           TensorBoard event files (with --tensorboard)
+        RUN_DIR/state/round-N.*        server state after round N, for --resume (the last two)
 
     See docs/run-folder.md.
     """
@@ -59,8 +110,20 @@ class RunFolder:
             )
         path.mkdir(parents=True, exist_ok=True)
         folder = cls(path)
-        atomic_write_text(path / "config.json",
+        folder.write_config(cfg)
+        return folder
+
+    def write_config(self, cfg: RunConfig) -> None:
+        atomic_write_text(self.path / "config.json",
                           json.dumps(cfg.to_mapping(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def reopen(cls, path: str | Path) -> "RunFolder":
+        """An existing run folder, to continue (``--resume``)."""
+        folder = cls(Path(path).expanduser())
+        if not (folder.path / "config.json").is_file():
+            raise FileNotFoundError(f"'{path}' is not a fedtune run folder (no config.json): "
+                                    "check the --resume path")
         return folder
 
     @property
@@ -109,7 +172,9 @@ class RunFolder:
             fh.write(json.dumps(row) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
-        rows = self.history()
+        self._write_history_csv(self.history())
+
+    def _write_history_csv(self, rows: list[dict[str, Any]]) -> None:
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
         writer.writeheader()
@@ -122,18 +187,84 @@ class RunFolder:
                 fh.write(json.dumps(row) + "\n")
 
     def history(self) -> list[dict[str, Any]]:
-        path = self.path / "history.jsonl"
+        return self._read_jsonl("history.jsonl")
+
+    def _read_jsonl(self, name: str) -> list[dict[str, Any]]:
+        path = self.path / name
         if not path.exists():
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
+    # --- server state, for --resume ---------------------------------------------------
+    def save_state(self, state: ServerState) -> None:
+        """Tensors first, then the JSON sidecar. The sidecar is the commit: a crash in
+        between leaves the previous round as the latest loadable state."""
+        folder = self.path / STATE_DIR
+        folder.mkdir(exist_ok=True)
+        groups = {"global": state.arrays, **state.optimizer}
+        flat = {f"{group}/{name}": np.ascontiguousarray(array)
+                for group, arrays in groups.items() for name, array in arrays.items()}
+        stem = folder / f"round-{state.server_round}"
+        atomic_write_bytes(stem.with_suffix(".safetensors"), safetensors.numpy.save(flat))
+        sidecar = {"round": state.server_round, "config": state.config,
+                   "versions": state.versions or library_versions(),
+                   # safetensors sorts its keys; FedAvgM's momentum is a list in key order
+                   "order": {group: list(arrays) for group, arrays in groups.items()}}
+        atomic_write_text(stem.with_suffix(".json"), json.dumps(sidecar, indent=2) + "\n")
+        for old in folder.glob("round-*.*"):  # only the newest committed state is kept
+            if _round_of(old) < state.server_round:
+                old.unlink(missing_ok=True)
+
+    def load_state(self) -> ServerState:
+        """The newest committed server state (a sidecar with its tensors)."""
+        sidecars = sorted((self.path / STATE_DIR).glob("round-*.json"), key=_round_of)
+        for sidecar in reversed(sidecars):
+            tensors = sidecar.with_suffix(".safetensors")
+            if not tensors.is_file():
+                continue
+            meta = json.loads(sidecar.read_text())
+            flat = safetensors.numpy.load(tensors.read_bytes())
+            groups = {group: {name: flat[f"{group}/{name}"] for name in names}
+                      for group, names in meta["order"].items()}
+            return ServerState(server_round=meta["round"], arrays=groups.pop("global"),
+                               optimizer=groups, config=meta["config"], versions=meta["versions"])
+        raise FileNotFoundError(f"run folder '{self.path}' holds no server state "
+                                f"({STATE_DIR}/round-N.json): no round finished there, or an "
+                                "older fedtune wrote it; start a new run")
+
+    def rewind(self, server_round: int) -> float:
+        """Forget rows after ``server_round`` (a crash after the next round's history
+        but before its state), point ``adapter`` and ``best`` at what remains, and
+        return the best eval loss so far (inf: none)."""
+        rows = [r for r in self.history() if r["round"] <= server_round]
+        atomic_write_text(self.path / "history.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        self._write_history_csv(rows)
+        clients = [r for r in self._read_jsonl("clients.jsonl") if r["round"] <= server_round]
+        atomic_write_text(self.path / "clients.jsonl", "".join(json.dumps(r) + "\n" for r in clients))
+        self._swap_link(self.latest_adapter, f"round-{server_round}")
+        best_round, best_loss = None, float("inf")
+        for row in (r for r in rows if r["round"] > 0):
+            if row["eval-loss"] < best_loss:  # the RoundHook's rule: NaN never wins
+                best_round, best_loss = row["round"], row["eval-loss"]
+        if best_round is not None:
+            self.mark_best(best_round)
+        return best_loss
+
+
+def _round_of(path: Path) -> int:
+    return int(path.name.split(".")[0].removeprefix("round-"))
+
 
 def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
     try:
         os.fchmod(fd, 0o644)  # mkstemp makes 0600; run files are meant to be shared
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

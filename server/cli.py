@@ -31,6 +31,8 @@ from server.tools import TRY_PROMPT, add_tool_parsers
 EXAMPLE = """example:
   fedtune simulate                                   # built-in demo: SmolLM2 + WordNet, 4 clients
   fedtune simulate --num-server-rounds 5 --strategy fedprox --proximal-mu 0.01 --tensorboard
+  fedtune simulate --resume runs/20261126-145844    # continue an interrupted run
+  fedtune simulate --resume runs/20261126-145844 --num-server-rounds 6   # or extend it
   fedtune simulate --model HuggingFaceTB/SmolLM2-360M-Instruct --dataset my_data.jsonl \\
       --partitioner iid --categories '' --num-clients 3
 
@@ -73,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLE,
         description="Run a federated fine-tuning on this machine (Flower simulation).")
     add_config_arguments(sim)
+    sim.add_argument("--resume", dest="resume-from", default=None, metavar="RUN_DIR",
+                     help="continue this run folder after its last completed round, with its "
+                          "config; flags given here override it (same as --resume-from)")
     train = sub.add_parser(
         "train", help="the same trainer without Flower: centralized or local-only baseline",
         allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -115,6 +120,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     values: dict = {}
+    resume = getattr(args, "resume-from", None)
+    if resume:  # the run's own config first: `--resume RUN` alone continues it unchanged
+        values.update(_run_config_of(resume))
     if args.run_config:
         source = Path(args.run_config)
         if source.suffix == ".toml":
@@ -127,7 +135,19 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     for key, _, _ in config_fields():
         if getattr(args, key, None) is not None:
             values[key] = getattr(args, key)
+    if resume:
+        values.setdefault("run-dir", resume)
     return RunConfig.from_mapping(values)
+
+
+def _run_config_of(run_dir: str) -> dict:
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"'{run_dir}' is not a fedtune run folder (no config.json): "
+                                "check the --resume path")
+    values = json.loads(path.read_text())
+    values.pop("run-dir", None)  # the folder may have moved; it is where it is now
+    return values
 
 
 def preflight(cfg: RunConfig) -> RunConfig:
@@ -140,6 +160,12 @@ def preflight(cfg: RunConfig) -> RunConfig:
     resolve_model_path(cfg.model)
     load_tokenizer(cfg.model)
     load_run_data(cfg, cfg.num_clients)
+    if cfg.resume_from:
+        from server.checkpoints import RunFolder, check_resumable
+
+        run = RunFolder.reopen(cfg.resume_from)
+        check_resumable(run.load_state(), cfg, run.path)
+        return cfg.replace(run_dir=cfg.resume_from)
     if not cfg.run_dir:
         cfg = cfg.replace(run_dir=str(Path("runs") / time.strftime("%Y%m%d-%H%M%S")))
     if (Path(cfg.run_dir) / "history.jsonl").exists():
@@ -272,6 +298,9 @@ def train_command(args: argparse.Namespace) -> int:
     from server.centralized import run_centralized
 
     cfg = _prepared_config(args)
+    if cfg.resume_from:
+        raise ValueError("'resume-from' works with `fedtune simulate` and `flwr run`; "
+                         "`fedtune train` always starts a new run: unset it")
     if args.partition_id is not None and not 0 <= args.partition_id < cfg.num_clients:
         raise ValueError(f"--partition-id {args.partition_id} is outside 0..{cfg.num_clients - 1}")
     started = time.perf_counter()

@@ -24,6 +24,7 @@ from common.config import (
     ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, TRANSPORT_DTYPE_KEY, RunConfig,
 )
 from common.transport import decode_state, encode_state
+from server.resume import ResumableMixin
 from server.validation import REASONS, UpdateGuard, screen_replies
 
 
@@ -122,7 +123,7 @@ class GuardMixin(TrafficMixin):
     Rejected replies are logged and counted in ``traffic.rejected``, and never reach
     the aggregator. With fewer than ``min_train_nodes`` valid replies the strategy
     does not aggregate: ``Strategy.start`` then keeps the previous global arrays.
-    Put it first in the bases of any strategy: ``class X(GuardMixin, FlowerStrategy)``.
+    Bases of any strategy: ``class X(ResumableMixin, GuardMixin, FlowerStrategy)``.
     """
 
     def __init__(self, *, guard: UpdateGuard | None = None, **kwargs):
@@ -165,23 +166,23 @@ def keep_dtypes(arrays: ArrayRecord | None, reference: ArrayRecord) -> ArrayReco
                         for k in arrays})
 
 
-class FedMedianLoRA(GuardMixin, FedMedian):
+class FedMedianLoRA(ResumableMixin, GuardMixin, FedMedian):
     """Coordinate-wise median of the adapters (ignores example counts)."""
 
 
-class FedTrimmedAvgLoRA(GuardMixin, FedTrimmedAvg):
+class FedTrimmedAvgLoRA(ResumableMixin, GuardMixin, FedTrimmedAvg):
     """Coordinate-wise mean after cutting a 'trim-beta' fraction from each tail."""
 
 
-class KrumLoRA(GuardMixin, Krum):
+class KrumLoRA(ResumableMixin, GuardMixin, Krum):
     """The one adapter closest to its n - f - 2 nearest neighbours."""
 
 
-class MultiKrumLoRA(GuardMixin, MultiKrum):
+class MultiKrumLoRA(ResumableMixin, GuardMixin, MultiKrum):
     """Example-weighted mean of the 'num-clients-to-select' best Krum scores."""
 
 
-class BulyanLoRA(GuardMixin, Bulyan):
+class BulyanLoRA(ResumableMixin, GuardMixin, Bulyan):
     """MultiKrum selection, then a trimmed mean around the coordinate-wise median."""
 
 
@@ -203,31 +204,31 @@ def build_robust_strategy(cfg: RunConfig, common: dict):
 # --- end update validation ------------------------------------------------------------
 
 
-class FedAvgLoRA(GuardMixin, FedAvg):
+class FedAvgLoRA(ResumableMixin, GuardMixin, FedAvg):
     """FedAvg over the adapter tensors, weighted by each client's example count."""
 
 
-class FedProxLoRA(GuardMixin, FedProx):
+class FedProxLoRA(ResumableMixin, GuardMixin, FedProx):
     """FedProx: sends ``proximal-mu``; the client adds the proximal term (objectives)."""
 
 
-class FedAdamLoRA(GuardMixin, FedAdam):
+class FedAdamLoRA(ResumableMixin, GuardMixin, FedAdam):
     """Server-side Adam over the adapter tensors (Reddi et al., 2021)."""
 
 
-class FedYogiLoRA(GuardMixin, FedYogi):
+class FedYogiLoRA(ResumableMixin, GuardMixin, FedYogi):
     """Server-side Yogi over the adapter tensors."""
 
 
-class FedAdagradLoRA(GuardMixin, FedAdagrad):
+class FedAdagradLoRA(ResumableMixin, GuardMixin, FedAdagrad):
     """Server-side Adagrad over the adapter tensors."""
 
 
-class FedAvgMLoRA(GuardMixin, FedAvgM):
+class FedAvgMLoRA(ResumableMixin, GuardMixin, FedAvgM):
     """FedAvg with server momentum."""
 
 
-class ReptileLoRA(GuardMixin, FedAvgM):
+class ReptileLoRA(ResumableMixin, GuardMixin, FedAvgM):
     """Reptile's server step, w <- w + epsilon * (avg - w): FedAvgM without momentum
     at server learning rate epsilon (epsilon = 1 is FedAvg)."""
 

@@ -64,7 +64,7 @@ def test_categories_filter_and_unknown_category(tmp_path):
 @pytest.mark.parametrize("name, content, message", [
     ("empty.jsonl", "", "is empty"),
     ("bad.jsonl", '{"instruction": "x", "output": "y"}\nnot json\n', "line 2 is not JSON"),
-    ("bad.json", "{oops", "is not valid JSON"),
+    ("bad.json", "{oops", "is not JSON"),
     ("latin1.jsonl", None, "is not UTF-8"),
 ])
 def test_malformed_files_name_the_file(tmp_path, name, content, message):

@@ -202,3 +202,18 @@ def test_a_crashing_client_does_not_stop_the_run(tiny_model_dir, tiny_dataset, t
     assert sorted({c["partition-id"] for c in clients}) == [0, 2]
     assert "failures" in (run_dir / "history.csv").read_text().splitlines()[0]
     assert "| 1 failed, 0 rejected" in result.stdout
+
+
+def test_corruption_hook_makes_nan_and_scaled_updates(monkeypatch):
+    from client.faults import CORRUPT_ENV, corrupt_if_asked
+
+    sent = {"w": torch.ones(3)}
+    trained = {"w": torch.tensor([1.0, 2.0, 3.0])}
+    monkeypatch.setenv(CORRUPT_ENV, "3:nan,7:scale1000")
+    assert corrupt_if_asked(0, trained, sent) is trained
+    assert torch.isnan(corrupt_if_asked(3, trained, sent)["w"]).all()
+    scaled = corrupt_if_asked(7, trained, sent)["w"]
+    assert torch.equal(scaled, torch.tensor([1.0, 1001.0, 2001.0]))
+    monkeypatch.setenv(CORRUPT_ENV, "3:zero")
+    with pytest.raises(ValueError, match="use PARTITION:nan or PARTITION:scaleK"):
+        corrupt_if_asked(3, trained, sent)
