@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from logging import WARNING
+
 import torch
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common import log
 
 from common.config import (
     ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, PROXIMAL_MU_KEY,
-    SERVER_ROUND_KEY, TRANSPORT_DTYPE_KEY, RunConfig,
+    SERVER_ROUND_KEY, TRANSPORT_DTYPE_KEY, UNIT_WEIGHT_KEY, DP_EPSILON_KEY, RunConfig,
 )
+from common.dp import DP_REFUSAL_CODE, BudgetExhausted
 from common.data import batches_forever, partition_examples
 from common.model import adapter_state, get_model, load_tokenizer, set_adapter_state
 from common.objectives import build_objective
@@ -18,6 +22,7 @@ from common.train import evaluate as evaluate_model
 from common.train import train_steps
 from client.faults import corrupt_if_asked, crash_if_asked
 from common.transport import decode_state, encode_state
+from client.privacy import client_dp_mod, private_round, save_accountant
 
 app = ClientApp()
 
@@ -55,7 +60,7 @@ def _prepare(msg: Message, context: Context):
     return cfg, model, tokenizer, partition_id, examples
 
 
-@app.train()
+@app.train(mods=[client_dp_mod])
 def train(msg: Message, context: Context) -> Message:
     # 1. Config, cached model, the global adapter from the message, this node's data.
     cfg, model, tokenizer, partition_id, examples = _prepare(msg, context)
@@ -67,12 +72,19 @@ def train(msg: Message, context: Context) -> Message:
     torch.manual_seed(seed)  # LoRA dropout
     batches = batches_forever(examples, cfg.batch_size, tokenizer.pad_token_id,
                               torch.Generator().manual_seed(seed))
+    #    DP-SGD: this node's accountant (from its context), or a refusal if the round
+    #    would overspend its budget; the run goes on with the other clients.
+    try:
+        private = private_round(cfg, context, examples, tokenizer.pad_token_id, seed)
+    except BudgetExhausted as err:
+        log(WARNING, "client %d: %s", partition_id, err)
+        return Message(error=Error(code=DP_REFUSAL_CODE, reason=str(err)), reply_to=msg)
     # 3. The one loop. The objective adds FedProx's term (if the strategy sent mu),
     #    L2-SP and distillation (from the config) to the task loss.
     objective = build_objective(model, cfg, proximal_mu=float(config.get(PROXIMAL_MU_KEY, 0.0)))
     stats = train_steps(model, batches, objective, cfg, num_steps=cfg.local_steps,
                         step_offset=(server_round - 1) * cfg.local_steps,
-                        desc=f"client {partition_id} round {server_round}")
+                        desc=f"client {partition_id} round {server_round}", private=private)
     # 4. Reply: adapter tensors only, cast to the precision the server sent them in,
     #    and metrics (num-examples weights FedAvg).
     metrics = MetricRecord({
@@ -81,7 +93,13 @@ def train(msg: Message, context: Context) -> Message:
         "train-tokens": stats.tokens,
         "partition-id": partition_id,
         NUM_EXAMPLES_KEY: len(examples),
+        UNIT_WEIGHT_KEY: 1,  # client-level DP averages unweighted (server/privacy.py)
     })
+    if private is not None:
+        save_accountant(context, private.accountant)
+        metrics[DP_EPSILON_KEY] = private.accountant.epsilon(private.plan.delta)
+        metrics["dp-noise-multiplier"] = private.plan.noise_multiplier
+        metrics["dp-steps"] = private.accountant.steps
     state = corrupt_if_asked(partition_id, adapter_state(model), _global_state(msg))
     wire = encode_state(state, _transport_dtype(msg))
     arrays = ArrayRecord({name: Array(array) for name, array in wire.items()})

@@ -41,6 +41,11 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
 TRANSPORT_DTYPES = ("float32", "float16", "bfloat16")
 DATA_FORMATS = ("auto", "instruction", "chat")
+# Client-level DP (server/privacy.py): Flower's strategy wrappers and mods.
+CLIENT_DP_MODES = ("off", "server-fixed", "client-fixed", "server-adaptive",
+                   "client-adaptive", "local")
+DP_EPSILON_KEY = "dp-epsilon"  # in train replies: the client's sample-level epsilon so far
+UNIT_WEIGHT_KEY = "unit-weight"  # in train replies: 1, for unweighted averaging under DP
 
 
 def _opt(help: str, **kw: Any) -> Any:
@@ -215,6 +220,52 @@ class RunConfig:
         "0: no cap).",
         default=10_000_000,
     )
+    # --- differential privacy (common/dp.py, server/privacy.py) --------------------
+    dp_sgd: bool = _opt(
+        "Sample-level DP-SGD on every client with Opacus: per-example clipping, Gaussian "
+        "noise, Poisson sampling; epsilon accumulates over the run (true/false).",
+        default=False,
+    )
+    dp_target_epsilon: float = _opt(
+        "DP-SGD: each client's privacy budget for the whole run. The noise is computed to "
+        "spend it over num-server-rounds x local-steps; a client that would exceed it "
+        "refuses to train (0: no budget, then set dp-noise-multiplier).",
+        default=8.0,
+    )
+    dp_delta: float = _opt(
+        "DP-SGD and client-level DP: delta of (epsilon, delta)-DP; must be below 1 / "
+        "the number of records.",
+        default=1e-5,
+    )
+    dp_noise_multiplier: float = _opt(
+        "DP-SGD: noise std / clipping norm (0: computed from dp-target-epsilon).",
+        default=0.0,
+    )
+    dp_max_grad_norm: float = _opt("DP-SGD: per-example gradient clipping norm.", default=1.0)
+    ffa_lora: bool = _opt(
+        "FFA-LoRA: freeze the LoRA A matrices at their shared seeded init, train and send "
+        "only B (half the traffic; steadier under DP noise) (true/false).",
+        default=False,
+    )
+    client_dp: str = _opt(
+        f"Client-level DP on the adapter updates, one of {CLIENT_DP_MODES}: Flower's "
+        "fixed or adaptive clipping wrappers (clipping on the server or on the clients) "
+        "or LocalDpMod (noise added by each client).",
+        default="off",
+    )
+    client_dp_noise_multiplier: float = _opt(
+        "Client-level DP: noise std / clipping norm of the summed updates.", default=1.0
+    )
+    client_dp_clipping_norm: float = _opt(
+        "Client-level DP: L2 clipping norm of one client's adapter update (the initial "
+        "norm for the adaptive modes).",
+        default=0.1,
+    )
+    local_dp_epsilon: float = _opt(
+        "client-dp local: epsilon of each client's Gaussian release per round "
+        "(LocalDpMod); the run's epsilon composes over rounds.",
+        default=10.0,
+    )
     # --- output ------------------------------------------------------------------
     run_dir: str = _opt(
         "Run folder (adapter per round, metrics history, config). Empty: "
@@ -296,6 +347,37 @@ class RunConfig:
             raise ValueError(f"config 'trim-beta' must be in [0, 0.5), got {self.trim_beta}")
         self._check_robust_strategy()
         self._check_resume()
+        self._check_privacy()
+
+    def _check_privacy(self) -> None:
+        _check_choice("client-dp", self.client_dp, CLIENT_DP_MODES)
+        for name in ("dp-max-grad-norm", "client-dp-clipping-norm", "local-dp-epsilon"):
+            if not getattr(self, _attr(name)) > 0:
+                raise ValueError(f"config '{name}' must be > 0, got {getattr(self, _attr(name))}")
+        for name in ("dp-target-epsilon", "dp-noise-multiplier", "client-dp-noise-multiplier"):
+            if getattr(self, _attr(name)) < 0:
+                raise ValueError(f"config '{name}' must be >= 0, got {getattr(self, _attr(name))}")
+        if not 0.0 < self.dp_delta < 1.0:
+            raise ValueError(f"config 'dp-delta' must be in (0, 1), got {self.dp_delta}")
+        private = self.dp_sgd or self.client_dp != "off"
+        if self.dp_sgd and not (self.dp_target_epsilon or self.dp_noise_multiplier):
+            raise ValueError("config 'dp-sgd' is on with 'dp-target-epsilon' 0 and "
+                             "'dp-noise-multiplier' 0: set a budget or a noise multiplier")
+        if self.dp_sgd and self.grad_accum != 1:
+            raise ValueError("config 'grad-accum' must be 1 with 'dp-sgd' (Poisson batches "
+                             "have no fixed size to split): raise 'batch-size' instead")
+        if private and self.resume_from:
+            raise ValueError("config 'resume-from' cannot continue a differentially private "
+                             "run: the clients' accountants live in their Flower contexts, "
+                             "which a new run does not have; start a new run")
+        if self.client_dp != "off" and self.transport_dtype != "float32":
+            raise ValueError("config 'client-dp' needs 'transport-dtype' float32: the clipping "
+                             "and the noise apply to the arrays on the wire")
+        if self.client_dp != "off" and self.strategy in (
+                "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"):
+            raise ValueError(f"config 'client-dp' calibrates its noise to a mean of clipped "
+                             f"updates; strategy {self.strategy!r} is not a mean: use fedavg, "
+                             "fedprox, fedavgm, reptile or a fedopt strategy")
 
     def _check_resume(self) -> None:
         """A resumed run continues in its own folder: its history and best link go on."""

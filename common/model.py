@@ -167,7 +167,7 @@ def get_model(cfg: RunConfig):
         num_labels = len(class_labels(cfg))
     key = (
         resolve_model_path(cfg.model), cfg.dtype, cfg.lora_r, cfg.lora_alpha,
-        cfg.lora_dropout, cfg.lora_target_modules, cfg.seed, num_labels,
+        cfg.lora_dropout, cfg.lora_target_modules, cfg.seed, num_labels, cfg.ffa_lora,
     )
     if key not in _MODELS:
         from peft import get_peft_model
@@ -181,15 +181,33 @@ def get_model(cfg: RunConfig):
                 f"config 'lora-target-modules' = {cfg.lora_target_modules!r} does not fit "
                 f"model '{cfg.model}': {err}"
             ) from None
+        if cfg.ffa_lora:
+            freeze_lora_a(model)
         _MODELS[key] = model
     return _MODELS[key]
 
 
+def freeze_lora_a(model) -> None:
+    """FFA-LoRA (Sun et al., 2024): A stays at its seeded init, the same in every
+    process, so only B is trained and exchanged: half the traffic, and the update is
+    linear in the trained weights, which keeps DP noise from compounding through B@A."""
+    for name, param in model.named_parameters():
+        if ".lora_A." in name:
+            param.requires_grad_(False)
+    model.fedtune_ffa = True
+
+
 def adapter_state(model) -> dict[str, torch.Tensor]:
-    """The trainable adapter tensors, named as peft saves them (no base weights)."""
+    """The adapter tensors that travel, named as peft saves them (no base weights):
+    all of them, or under FFA-LoRA all but the frozen A matrices."""
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()
+            if not _frozen_a(model, k)}
+
+
+def _frozen_a(model, name: str) -> bool:
+    return getattr(model, "fedtune_ffa", False) and ".lora_A." in name
 
 
 def set_adapter_state(model, state: dict[str, torch.Tensor]) -> None:
@@ -197,6 +215,8 @@ def set_adapter_state(model, state: dict[str, torch.Tensor]) -> None:
     from peft import set_peft_model_state_dict
 
     expected = adapter_state_shapes(model)
+    if not any(".lora_A." in k for k in state):  # FFA-LoRA's wire state: A stays as is
+        expected = {k: v for k, v in expected.items() if not _frozen_a(model, k)}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:

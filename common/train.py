@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -64,19 +65,40 @@ def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimi
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+@contextmanager
+def _as_is(optimizer, objective, batches):
+    yield optimizer, objective, batches
+
+
 def train_steps(model: torch.nn.Module, batches, objective: Objective, cfg: RunConfig, *,
                 num_steps: int, step_offset: int = 0, total_steps: int | None = None,
-                desc: str = "train") -> TrainStats:
+                desc: str = "train", private=None) -> TrainStats:
     """``num_steps`` optimizer steps of ``objective`` over ``batches``.
 
     ``step_offset`` is the run-global step of the first one (round r starts at
     (r-1) * local-steps), so the schedule decays across rounds instead of restarting.
     The optimizer is fresh each call: AdamW moments do not travel between rounds.
+    ``private`` (a ``common.dp.PrivateTraining``) makes the same loop DP-SGD: Opacus'
+    optimizer, Poisson batches, and the objective without its weight penalties, which
+    the DP optimizer adds after the noise (common/dp.py says why).
     """
     total = total_steps or cfg.total_local_steps
     optimizer = make_optimizer(model, cfg)
+    model.train()  # before wrapping: Opacus computes per-sample gradients in train mode
+    if private is None:
+        wrap = _as_is(optimizer, objective, batches)
+    else:
+        from common.dp import private_training
+
+        wrap = private_training(model, optimizer, objective, private)
+    with wrap as (optimizer, objective, batches):
+        return _loop(model, optimizer, batches, objective, cfg, num_steps=num_steps,
+                     step_offset=step_offset, total=total, desc=desc)
+
+
+def _loop(model, optimizer, batches, objective, cfg: RunConfig, *, num_steps: int,
+          step_offset: int, total: int, desc: str) -> TrainStats:
     params = [p for p in model.parameters() if p.requires_grad]
-    model.train()
     losses, examples, tokens = [], 0, 0
     start = time.perf_counter()
     # disable=None: no bars when stderr is not a terminal (Ray actors, CI logs).
@@ -94,7 +116,7 @@ def train_steps(model: torch.nn.Module, batches, objective: Objective, cfg: RunC
             step_loss += float(loss.detach())
             examples += batch["input_ids"].shape[0]
             tokens += int((batch["labels"] != IGNORE_INDEX).sum())
-        if cfg.max_grad_norm > 0:
+        if cfg.max_grad_norm > 0:  # under DP a no-op: Opacus replaces .grad at its step
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -12,11 +12,12 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import RunConfig
+from common.config import DP_EPSILON_KEY, RunConfig
 from common.data import heldout_examples
 from common.model import adapter_state, get_model, load_tokenizer, set_adapter_state
 from common.runtime import config_from_run_config, setup_process
 from common.train import evaluate
+from server.privacy import client_level_epsilon
 from server.checkpoints import RunFolder, ServerState, check_resumable
 from server.strategies import build_strategy
 from server.tracking import TensorBoardLog
@@ -85,6 +86,7 @@ class RoundHook:
         # sent + received since round 1: the communication budget used
         self.total_bytes = int(history[-1].get("mb-total", 0) * 1e6) if history else 0
         self.tensorboard = TensorBoardLog(run.path) if cfg.tensorboard else None
+        self.releases = 0  # aggregated rounds: the releases client-level DP accounts
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         server_round += self.offset
@@ -111,6 +113,8 @@ class RoundHook:
                 **{f"rejected-{reason}": n for reason, n in traffic.rejected.items()},
                 "aggregated": int(traffic.aggregated),
             })
+            self.releases += int(traffic.aggregated)
+            row.update(privacy_columns(self.cfg, clients, traffic, server_round, self.releases))
             self.total_bytes += traffic.bytes_sent + traffic.bytes_received
             self.run.append_clients(clients)
             self.run.save_adapter(self.model, server_round)
@@ -137,6 +141,22 @@ _SHORT_NAMES = {"eval-perplexity": "ppl", "eval-token-accuracy": "token acc",
                "eval-accuracy": "acc", "eval-macro-f1": "macro-F1"}
 
 
+def privacy_columns(cfg: RunConfig, clients: list[dict], traffic, server_round: int,
+                    releases: int) -> dict:
+    """'epsilon': the largest sample-level (DP-SGD) epsilon a client reported so far;
+    'client-epsilon': the client-level epsilon of the releases so far (local DP: one
+    per round a client took part in, at most every round)."""
+    row: dict = {}
+    if cfg.dp_sgd:
+        reported = [c[DP_EPSILON_KEY] for c in clients if DP_EPSILON_KEY in c]
+        row["epsilon"] = max(reported) if reported else float("nan")
+        row["dp-refused"] = traffic.dp_refused
+    if cfg.client_dp != "off":
+        row["client-epsilon"] = client_level_epsilon(
+            cfg, server_round if cfg.client_dp == "local" else releases)
+    return row
+
+
 def format_row(row: dict) -> str:
     metrics = " | ".join(f"{short} {row[key]:8.2f}" if key == "eval-perplexity"
                          else f"{short} {row[key]:.3f}"
@@ -150,4 +170,9 @@ def format_row(row: dict) -> str:
         line += f" | {row['failures']} failed, {row['rejected']} rejected"
     if row.get("aggregated") == 0:
         line += " | global adapter kept"
+    for key in ("epsilon", "client-epsilon"):
+        if key in row:
+            line += f" | {key} {row[key]:.2f}"
+    if row.get("dp-refused"):
+        line += f" | {row['dp-refused']} over DP budget"
     return line

@@ -13,10 +13,11 @@ from __future__ import annotations
 import torch
 from flwr.app import ArrayRecord
 
-from common.config import RunConfig
+from common.config import DP_EPSILON_KEY, RunConfig
 from common.data import (
     batches_forever, heldout_examples, partition_examples, validation_examples,
 )
+from common.dp import Accountant, PrivateTraining, check_budget, plan
 from common.model import adapter_state, get_model, load_tokenizer
 from common.objectives import build_objective
 from common.runtime import setup_process
@@ -59,6 +60,10 @@ def run_centralized(cfg: RunConfig, *, partition_id: int | None = None) -> RunFo
     batches = batches_forever(examples, cfg.batch_size, tokenizer.pad_token_id,
                               torch.Generator().manual_seed(cfg.seed))
     objective = build_objective(model, cfg)  # no proximal term: there is no global model
+    # DP-SGD over the pooled data: one accountant for the whole run.
+    private = None if not cfg.dp_sgd else PrivateTraining(
+        plan(cfg, num_examples=len(examples), planned_steps=total_steps), Accountant(),
+        examples, tokenizer.pad_token_id, torch.Generator().manual_seed(cfg.seed + 1))
     wire = _NoWire()
     hook = RoundHook(cfg, run, model, tokenizer, heldout_examples(cfg, cfg.num_clients, tokenizer), wire)
     label = "centralized" if partition_id is None else f"local-only client {partition_id}"
@@ -75,12 +80,18 @@ def run_centralized(cfg: RunConfig, *, partition_id: int | None = None) -> RunFo
 
     stopper = EarlyStopping(cfg.early_stopping_patience, val_loss() if validation else 0.0)
     for server_round in range(1, cfg.num_server_rounds + 1):
+        if private is not None:
+            check_budget(private.accountant, private.plan, steps_per_round)
         stats = train_steps(model, batches, objective, cfg, num_steps=steps_per_round,
                             step_offset=(server_round - 1) * steps_per_round,
-                            total_steps=total_steps, desc=f"round {server_round}")
-        wire.traffic = RoundTraffic(replies=1, clients=[{
-            "round": server_round, "train-loss": stats.loss, "num-examples": len(examples),
-            "partition-id": -1 if partition_id is None else partition_id}])
+                            total_steps=total_steps, desc=f"round {server_round}",
+                            private=private)
+        client = {"round": server_round, "train-loss": stats.loss,
+                  "num-examples": len(examples),
+                  "partition-id": -1 if partition_id is None else partition_id}
+        if private is not None:
+            client[DP_EPSILON_KEY] = private.accountant.epsilon(private.plan.delta)
+        wire.traffic = RoundTraffic(replies=1, clients=[client])
         hook(server_round, ArrayRecord(adapter_state(model)))
         if validation and stopper.update(val_loss()):
             print(f"fedtune: early stop after round {server_round}: validation loss has not "

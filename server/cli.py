@@ -159,7 +159,8 @@ def preflight(cfg: RunConfig) -> RunConfig:
 
     resolve_model_path(cfg.model)
     load_tokenizer(cfg.model)
-    load_run_data(cfg, cfg.num_clients)
+    data = load_run_data(cfg, cfg.num_clients)
+    check_privacy_plan(cfg, data)
     if cfg.resume_from:
         from server.checkpoints import RunFolder, check_resumable
 
@@ -171,6 +172,20 @@ def preflight(cfg: RunConfig) -> RunConfig:
     if (Path(cfg.run_dir) / "history.jsonl").exists():
         raise FileExistsError(f"run folder '{cfg.run_dir}' already holds a run: choose another --run-dir")
     return cfg
+
+
+def check_privacy_plan(cfg: RunConfig, data) -> None:
+    """DP settings that no client could honour fail here, once, not in every client."""
+    if cfg.dp_sgd:
+        from common.dp import plan
+
+        for partition_id in range(cfg.num_clients):
+            rows = len(data.partition(partition_id, cfg.max_examples_per_client))
+            plan(cfg, num_examples=rows, planned_steps=cfg.num_server_rounds * cfg.local_steps)
+    if cfg.client_dp != "off":
+        from server.strategies import build_strategy
+
+        build_strategy(cfg)  # Flower's wrappers check their own settings
 
 
 def simulate(cfg: RunConfig) -> int:
@@ -303,6 +318,9 @@ def train_command(args: argparse.Namespace) -> int:
                          "`fedtune train` always starts a new run: unset it")
     if args.partition_id is not None and not 0 <= args.partition_id < cfg.num_clients:
         raise ValueError(f"--partition-id {args.partition_id} is outside 0..{cfg.num_clients - 1}")
+    if cfg.client_dp != "off":
+        raise ValueError("'client-dp' protects clients of a federation; `fedtune train` has "
+                         "one party: use --dp-sgd for DP training on the pooled data")
     started = time.perf_counter()
     run = run_centralized(cfg, partition_id=args.partition_id)
     print_summary(run.path, time.perf_counter() - started, try_prompt(cfg))

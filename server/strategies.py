@@ -21,8 +21,10 @@ from flwr.serverapp.strategy import (
 )
 
 from common.config import (
-    ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, TRANSPORT_DTYPE_KEY, RunConfig,
+    ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, TRANSPORT_DTYPE_KEY, UNIT_WEIGHT_KEY,
+    RunConfig,
 )
+from common.dp import DP_REFUSAL_CODE
 from common.transport import decode_state, encode_state
 from server.resume import ResumableMixin
 from server.validation import REASONS, UpdateGuard, screen_replies
@@ -39,6 +41,7 @@ class RoundTraffic:
     clients: list[dict] = field(default_factory=list)
     rejected: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REASONS, 0))
     aggregated: bool = True  # False: too few valid replies, the global adapter is kept
+    dp_refused: int = 0  # clients that refused to train: their DP budget was spent
 
 
 def message_bytes(msg: Message) -> int:
@@ -107,6 +110,10 @@ class TrafficMixin:
         for reply in replies:
             if reply.has_error():
                 self.traffic.failures += 1
+                if reply.error.code == DP_REFUSAL_CODE:
+                    self.traffic.dp_refused += 1
+                    log(WARNING, "round %d: node %d refused to train: %s", server_round,
+                        reply.metadata.src_node_id, reply.error.reason)
                 continue
             self.traffic.replies += 1
             metrics = reply.content.metric_records.get(METRICS_KEY, {})
@@ -234,12 +241,20 @@ class ReptileLoRA(ResumableMixin, GuardMixin, FedAvgM):
 
 
 def build_strategy(cfg: RunConfig):
+    """The strategy 'strategy' names, inside a Flower DP wrapper if 'client-dp' asks."""
+    from server.privacy import wrap_client_dp
+
+    return wrap_client_dp(_build_strategy(cfg), cfg)
+
+
+def _build_strategy(cfg: RunConfig):
     common = dict(
         fraction_train=cfg.fraction_train,
         fraction_evaluate=0.0,  # the server evaluates the global adapter itself
         min_train_nodes=cfg.min_train_clients,
         min_available_nodes=cfg.min_train_clients,
-        weighted_by_key=NUM_EXAMPLES_KEY,
+        # client-level DP calibrates its noise to an unweighted mean (server/privacy.py)
+        weighted_by_key=UNIT_WEIGHT_KEY if cfg.client_dp != "off" else NUM_EXAMPLES_KEY,
         guard=UpdateGuard.from_config(cfg),
         transport_dtype=cfg.transport_dtype,
     )

@@ -1,0 +1,254 @@
+"""Sample-level DP-SGD with Opacus: plan, accountant state, and the private wrapper.
+
+The loop in ``common/train.py`` does not change under DP: :func:`private_training`
+hands it a DP optimizer, an objective and Poisson-sampled batches in place of the
+plain ones, and removes Opacus' hooks afterwards (the model is cached per process, so
+it must leave as it came). The accountant's history is explicit state: a client keeps
+it in its Flower ``context.state`` so epsilon composes over the whole run instead of
+restarting every round (the mistake of a new PrivacyEngine per round).
+
+Why not ``PrivacyEngine.make_private``: it wraps a ``DataLoader`` whose empty Poisson
+batches come out as a list of zero tensors, which a Hugging Face model cannot take,
+and it cannot keep data-independent penalty terms out of the per-sample clipping.
+We call the same Opacus parts it calls (``GradSampleModule``, ``DPOptimizer``,
+``RDPAccountant``, ``get_noise_multiplier``) ourselves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from common.config import RunConfig
+from common.data import IGNORE_INDEX, collate
+
+
+@dataclass(frozen=True)
+class DPPlan:
+    """What one client's DP-SGD uses for the whole run."""
+
+    noise_multiplier: float
+    sample_rate: float  # Poisson: each example joins each batch with this probability
+    expected_batch_size: int
+    max_grad_norm: float
+    delta: float
+    budget: float  # the epsilon a client may not exceed (0: no budget)
+    planned_steps: int
+
+
+def plan(cfg: RunConfig, *, num_examples: int, planned_steps: int) -> DPPlan:
+    """The noise for the planned steps of the whole run, or a one-line error naming
+    the setting that cannot work."""
+    if num_examples < 1:
+        raise ValueError("DP-SGD needs at least one training example on every client")
+    if cfg.dp_delta >= 1.0 / num_examples:
+        raise ValueError(
+            f"config 'dp-delta' = {cfg.dp_delta:g} is not below 1/{num_examples} (1 / this "
+            f"client's examples): a delta that large allows leaking one record outright; "
+            f"set --dp-delta below {1.0 / num_examples:.2g}"
+        )
+    sample_rate = min(1.0, cfg.batch_size / num_examples)
+    noise = cfg.dp_noise_multiplier
+    if noise == 0.0:
+        noise = noise_for_budget(cfg.dp_target_epsilon, cfg.dp_delta, sample_rate,
+                                 planned_steps)
+    return DPPlan(noise_multiplier=noise, sample_rate=sample_rate,
+                  expected_batch_size=max(1, round(sample_rate * num_examples)),
+                  max_grad_norm=cfg.dp_max_grad_norm, delta=cfg.dp_delta,
+                  budget=cfg.dp_target_epsilon, planned_steps=planned_steps)
+
+
+def noise_for_budget(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    from opacus.accountants.utils import get_noise_multiplier
+
+    try:
+        return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta,
+                                          sample_rate=sample_rate, steps=steps,
+                                          accountant="rdp"))
+    except ValueError:
+        raise ValueError(
+            f"config 'dp-target-epsilon' = {epsilon:g} cannot be reached in {steps} DP-SGD "
+            f"steps at sampling rate {sample_rate:.3g} (delta {delta:g}): raise it, or take "
+            "fewer steps (num-server-rounds x local-steps) or smaller batches"
+        ) from None
+
+
+# --- the accountant, as state that travels ---------------------------------------------
+class Accountant:
+    """Opacus' RDP accountant with its history as JSON (for ``context.state``)."""
+
+    def __init__(self, history: list | None = None):
+        from opacus.accountants import RDPAccountant
+
+        self._rdp = RDPAccountant()
+        self._rdp.history = [tuple(h) for h in (history or [])]
+
+    @classmethod
+    def from_json(cls, text: str) -> "Accountant":
+        return cls(json.loads(text))
+
+    def to_json(self) -> str:
+        return json.dumps(self._rdp.history)
+
+    @property
+    def steps(self) -> int:
+        return sum(int(h[2]) for h in self._rdp.history)
+
+    def epsilon(self, delta: float) -> float:
+        return float(self._rdp.get_epsilon(delta)) if self._rdp.history else 0.0
+
+    def epsilon_after(self, dp: DPPlan, steps: int) -> float:
+        """Epsilon if ``steps`` more steps of ``dp`` were taken (nothing is recorded)."""
+        return Accountant(self._rdp.history + [(dp.noise_multiplier, dp.sample_rate, steps)]
+                          ).epsilon(dp.delta)
+
+    def hook(self, sample_rate: float):
+        return self._rdp.get_optimizer_hook_fn(sample_rate=sample_rate)
+
+
+class BudgetExhausted(RuntimeError):
+    """Raised before training when the next round would exceed the client's budget."""
+
+
+def check_budget(accountant: Accountant, dp: DPPlan, steps: int) -> None:
+    if not dp.budget:
+        return
+    spent, after = accountant.epsilon(dp.delta), accountant.epsilon_after(dp, steps)
+    # get_noise_multiplier stops within 0.01 below the target: allow that rounding.
+    if after > dp.budget + 1e-6:
+        raise BudgetExhausted(
+            f"privacy budget exhausted: epsilon {spent:.3f} spent, {after:.3f} after "
+            f"{steps} more steps > budget {dp.budget:g} (delta {dp.delta:g}); "
+            "this client does not train"
+        )
+
+
+# --- the private wrapper around the one loop ----------------------------------------------
+class _PenaltyAfterNoiseOptimizer:
+    """Mixin for Opacus' DPOptimizer: penalty terms join after the noise.
+
+    Opacus clips and noises per-sample gradients, which only exist for what flows
+    through the layers' activations; a penalty on the weights themselves (FedProx's
+    proximal term, L2-SP) has no per-sample gradient and would silently be dropped.
+    It depends on the public global/pretrained weights only, not on any record, so
+    adding its gradient after the noise is post-processing and costs no privacy.
+    An empty Poisson batch still takes its step (noise only), as the analysis assumes.
+    """
+
+    penalty: Callable[[], torch.Tensor] | None = None
+
+    def step(self, closure=None):
+        for p in self.params:
+            if getattr(p, "grad_sample", None) is None:  # empty batch: no forward ran
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+        if not self.pre_step():
+            return None
+        if self.penalty is not None:
+            params = [p for p in self.params]
+            grads = torch.autograd.grad(self.penalty(), params, allow_unused=True)
+            for p, g in zip(params, grads):
+                if g is not None:
+                    p.grad = p.grad + g
+        return self.original_optimizer.step()
+
+
+def _dp_optimizer(optimizer, dp: DPPlan, generator: torch.Generator | None):
+    from opacus.optimizers import DPOptimizer
+
+    cls = type("PenaltyAfterNoiseDPOptimizer", (_PenaltyAfterNoiseOptimizer, DPOptimizer), {})
+    return cls(optimizer, noise_multiplier=dp.noise_multiplier,
+               max_grad_norm=dp.max_grad_norm, expected_batch_size=dp.expected_batch_size,
+               loss_reduction="mean", generator=generator)
+
+
+def poisson_batches(examples: list[dict], sample_rate: float, pad_token_id: int,
+                    generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
+    """Each example joins each batch independently with probability ``sample_rate``
+    (Opacus' sampler), which DP-SGD's accounting assumes. Empty batches come out as
+    zero-row tensors: the objective skips the forward, the optimizer still steps."""
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    sampler = UniformWithReplacementSampler(num_samples=len(examples),
+                                            sample_rate=sample_rate, generator=generator)
+    while True:
+        for indices in sampler:
+            if len(indices):
+                yield collate([examples[i] for i in indices], pad_token_id)
+            else:
+                yield empty_batch(classification="label" in examples[0])
+
+
+def empty_batch(*, classification: bool) -> dict[str, torch.Tensor]:
+    empty = torch.zeros((0, 1), dtype=torch.long)
+    labels = torch.zeros((0,), dtype=torch.long) if classification else empty.fill_(IGNORE_INDEX)
+    return {"input_ids": empty, "attention_mask": empty.clone(), "labels": labels}
+
+
+def _skip_empty(objective):
+    def private_objective(model, batch):
+        if batch["input_ids"].shape[0] == 0:
+            return torch.zeros((), requires_grad=True)
+        return objective(model, batch)
+    return private_objective
+
+
+@dataclass
+class PrivateTraining:
+    """What a round's DP-SGD needs beyond the plain loop's arguments."""
+
+    plan: DPPlan
+    accountant: Accountant
+    examples: list[dict]
+    pad_token_id: int
+    generator: torch.Generator  # Poisson sampling and noise: reproducible per round
+
+
+@contextmanager
+def private_training(model: torch.nn.Module, optimizer, objective, private: PrivateTraining):
+    """Yields (DP optimizer, objective, Poisson batches) for the loop; hooks off after."""
+    from opacus import GradSampleModule
+
+    task_loss = getattr(objective, "task_loss", objective)
+    penalties = list(getattr(objective, "penalties", []))
+    # Hooks on the trainable (LoRA) layers. The loop keeps calling `model` itself: the
+    # hooks live on its submodules, and peft's methods (disable_adapter for a 'base'
+    # teacher) stay reachable. The model is never moved after wrapping (the class of
+    # bug in opacus issue 820); tests/test_dp.py checks zero noise equals plain SGD.
+    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    dp_optimizer = _dp_optimizer(optimizer, private.plan, private.generator)
+    dp_optimizer.attach_step_hook(private.accountant.hook(private.plan.sample_rate))
+    if penalties:
+        dp_optimizer.penalty = lambda: sum(term(model) for term in penalties)
+    batches = poisson_batches(private.examples, private.plan.sample_rate,
+                              private.pad_token_id, private.generator)
+    try:
+        yield dp_optimizer, _skip_empty(task_loss), batches
+    finally:
+        wrapped._close()  # removes the hooks and the per-sample gradients
+        for p in model.parameters():
+            for attr in ("grad_sample", "summed_grad", "_processed"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
+
+
+def sigma_for_epsilon_per_release(epsilon: float, delta: float) -> float:
+    """The Gaussian mechanism's classic calibration (Dwork & Roth, Thm 3.22), which
+    Flower's LocalDpMod uses: std = sensitivity * sqrt(2 ln(1.25/delta)) / epsilon."""
+    return math.sqrt(2 * math.log(1.25 / delta)) / epsilon
+
+
+def gaussian_epsilon(noise_multiplier: float, releases: int, delta: float,
+                     sample_rate: float = 1.0) -> float:
+    """Epsilon of ``releases`` Gaussian releases at this noise, by Opacus' RDP accountant."""
+    if releases <= 0 or noise_multiplier <= 0:
+        return 0.0 if releases <= 0 else math.inf
+    return Accountant([(noise_multiplier, sample_rate, releases)]).epsilon(delta)
+
+
+# The error code of a train reply refused for the budget (Flower's own codes are < 100).
+DP_REFUSAL_CODE = 4001
