@@ -183,7 +183,7 @@ def main() -> None:
     (ROOT / "runs" / "bench-privacy.json").write_text(json.dumps(results, indent=1))
     write_report(results, cfg, args, args.out)
     plot(results, args.out / "privacy.png")
-    print(f"wrote {args.out / "privacy-bench.md"} and {args.out / 'privacy.png'}")
+    print(f"wrote {args.out / 'privacy-bench.md'} and {args.out / 'privacy.png'}")
 
 
 if __name__ == "__main__":
