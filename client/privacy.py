@@ -52,4 +52,4 @@ def private_round(cfg: RunConfig, context: Context, examples: list[dict], pad_to
               planned_steps=cfg.num_server_rounds * cfg.local_steps)
     check_budget(accountant, dp, cfg.local_steps)
     return PrivateTraining(dp, accountant, examples, pad_token_id,
-                           torch.Generator().manual_seed(seed))
+                           torch.Generator().manual_seed(seed), cfg.dp_grad_sample_mode)

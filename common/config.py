@@ -44,6 +44,7 @@ DATA_FORMATS = ("auto", "instruction", "chat")
 # Client-level DP (server/privacy.py): Flower's strategy wrappers and mods.
 CLIENT_DP_MODES = ("off", "server-fixed", "client-fixed", "server-adaptive",
                    "client-adaptive", "local")
+DP_GRAD_SAMPLE_MODES = ("hooks", "functorch")
 DP_EPSILON_KEY = "dp-epsilon"  # in train replies: the client's sample-level epsilon so far
 UNIT_WEIGHT_KEY = "unit-weight"  # in train replies: 1, for unweighted averaging under DP
 
@@ -242,6 +243,11 @@ class RunConfig:
         default=0.0,
     )
     dp_max_grad_norm: float = _opt("DP-SGD: per-example gradient clipping norm.", default=1.0)
+    dp_grad_sample_mode: str = _opt(
+        f"DP-SGD: how Opacus computes per-example gradients, one of {DP_GRAD_SAMPLE_MODES}: "
+        "module hooks, or torch.func for layers without a hook.",
+        default="hooks",
+    )
     ffa_lora: bool = _opt(
         "FFA-LoRA: freeze the LoRA A matrices at their shared seeded init, train and send "
         "only B (half the traffic; steadier under DP noise) (true/false).",
@@ -351,6 +357,7 @@ class RunConfig:
 
     def _check_privacy(self) -> None:
         _check_choice("client-dp", self.client_dp, CLIENT_DP_MODES)
+        _check_choice("dp-grad-sample-mode", self.dp_grad_sample_mode, DP_GRAD_SAMPLE_MODES)
         for name in ("dp-max-grad-norm", "client-dp-clipping-norm", "local-dp-epsilon"):
             if not getattr(self, _attr(name)) > 0:
                 raise ValueError(f"config '{name}' must be > 0, got {getattr(self, _attr(name))}")

@@ -206,6 +206,7 @@ class PrivateTraining:
     examples: list[dict]
     pad_token_id: int
     generator: torch.Generator  # Poisson sampling and noise: reproducible per round
+    grad_sample_mode: str = "hooks"  # or "functorch" (config 'dp-grad-sample-mode')
 
 
 @contextmanager
@@ -219,7 +220,8 @@ def private_training(model: torch.nn.Module, optimizer, objective, private: Priv
     # hooks live on its submodules, and peft's methods (disable_adapter for a 'base'
     # teacher) stay reachable. The model is never moved after wrapping (the class of
     # bug in opacus issue 820); tests/test_dp.py checks zero noise equals plain SGD.
-    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean",
+                               force_functorch=private.grad_sample_mode == "functorch")
     dp_optimizer = _dp_optimizer(optimizer, private.plan, private.generator)
     dp_optimizer.attach_step_hook(private.accountant.hook(private.plan.sample_rate))
     if penalties:

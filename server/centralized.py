@@ -63,7 +63,8 @@ def run_centralized(cfg: RunConfig, *, partition_id: int | None = None) -> RunFo
     # DP-SGD over the pooled data: one accountant for the whole run.
     private = None if not cfg.dp_sgd else PrivateTraining(
         plan(cfg, num_examples=len(examples), planned_steps=total_steps), Accountant(),
-        examples, tokenizer.pad_token_id, torch.Generator().manual_seed(cfg.seed + 1))
+        examples, tokenizer.pad_token_id, torch.Generator().manual_seed(cfg.seed + 1),
+        cfg.dp_grad_sample_mode)
     wire = _NoWire()
     hook = RoundHook(cfg, run, model, tokenizer, heldout_examples(cfg, cfg.num_clients, tokenizer), wire)
     label = "centralized" if partition_id is None else f"local-only client {partition_id}"

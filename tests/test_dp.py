@@ -21,6 +21,8 @@ from common.train import make_optimizer, train_steps
 from server.privacy import client_level_epsilon
 from server.strategies import build_strategy
 from tests.conftest import write_records
+from common.data import partition_examples
+from tests.test_classification import labelled_dataset, tiny_encoder_dir  # noqa: F401 (fixtures)
 from tests.test_cli import fedtune
 from tests.test_robust import FakeGrid
 
@@ -45,17 +47,19 @@ def _fixed(batch):
         yield batch
 
 
-def _private(examples, pad, *, noise=0.0, clip=1e9, rate=1.0, seed=0, accountant=None):
+def _private(examples, pad, *, noise=0.0, clip=1e9, rate=1.0, seed=0, accountant=None,
+             mode="hooks"):
     dp = DPPlan(noise_multiplier=noise, sample_rate=rate,
                 expected_batch_size=round(rate * len(examples)), max_grad_norm=clip,
                 delta=1e-5, budget=0.0, planned_steps=10)
     return PrivateTraining(dp, accountant or Accountant(), examples, pad,
-                           torch.Generator().manual_seed(seed))
+                           torch.Generator().manual_seed(seed), mode)
 
 
-@pytest.mark.parametrize("proximal_mu", [0.0, 0.5])
+@pytest.mark.parametrize("proximal_mu, mode", [(0.0, "hooks"), (0.5, "hooks"),
+                                               (0.0, "functorch")])
 def test_zero_noise_unbounded_clip_equals_plain_training_step_for_step(tiny_cfg, tokenizer,
-                                                                       proximal_mu):
+                                                                       proximal_mu, mode):
     """Guards against the class of Opacus+PEFT bug that silently corrupts LoRA updates
     (opacus issue 820), and checks the proximal term still acts under DP."""
     cfg = _cfg(tiny_cfg)
@@ -71,7 +75,7 @@ def test_zero_noise_unbounded_clip_equals_plain_training_step_for_step(tiny_cfg,
         set_adapter_state(model, start)
         objective = build_objective(model, cfg, proximal_mu=proximal_mu)
         train_steps(model, _fixed(batch), objective, cfg, num_steps=steps,
-                    private=_private(examples, pad))
+                    private=_private(examples, pad, mode=mode))
         private = adapter_state(model)
         moved = max(float((plain[k] - start[k]).abs().max()) for k in plain)
         diff = max(float((plain[k] - private[k]).abs().max()) for k in plain)
@@ -79,6 +83,31 @@ def test_zero_noise_unbounded_clip_equals_plain_training_step_for_step(tiny_cfg,
     # and the model leaves as it came: no Opacus hooks, no per-sample gradients
     assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
     assert not any(hasattr(p, "grad_sample") for p in model.parameters())
+
+
+def test_dp_sgd_on_a_bert_classifier_equals_plain_training_at_zero_noise(
+        tiny_encoder_dir, labelled_dataset, tmp_path):
+    """The classification head (peft modules_to_save) gets per-example gradients too."""
+    from tests.test_classification import _cfg as classification_cfg
+
+    cfg = classification_cfg(tiny_encoder_dir, labelled_dataset, tmp_path, lora_dropout=0.0,
+                             max_grad_norm=0.0, lr_schedule="constant", batch_size=4)
+    tokenizer = load_tokenizer(cfg.model)
+    model = get_model(cfg)
+    examples = partition_examples(cfg, 0, 2, tokenizer)[:4]
+    batch = collate(examples, tokenizer.pad_token_id)
+    start = adapter_state(model)
+    finals = []
+    for private in (None, _private(examples, tokenizer.pad_token_id)):
+        set_adapter_state(model, start)
+        torch.manual_seed(0)  # BERT's own dropout: the same masks in both runs
+        train_steps(model, _fixed(batch), build_objective(model, cfg), cfg, num_steps=2,
+                    private=private)
+        finals.append(adapter_state(model))
+    head = [k for k in start if "classifier" in k or "score" in k]
+    assert head and any(not torch.equal(finals[1][k], start[k]) for k in head)
+    for name in start:
+        torch.testing.assert_close(finals[1][name], finals[0][name], rtol=1e-4, atol=1e-5)
 
 
 def _clipped_sum(model, cfg, examples, pad, clip):
