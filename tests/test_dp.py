@@ -56,13 +56,15 @@ def _private(examples, pad, *, noise=0.0, clip=1e9, rate=1.0, seed=0, accountant
                            torch.Generator().manual_seed(seed), mode)
 
 
-@pytest.mark.parametrize("proximal_mu, mode", [(0.0, "hooks"), (0.5, "hooks"),
-                                               (0.0, "functorch")])
+@pytest.mark.parametrize("proximal_mu, mode, objective", [
+    (0.0, "hooks", {}), (0.5, "hooks", {}), (0.0, "functorch", {}),
+    (0.0, "hooks", {"l2sp_weight": 0.1}), (0.0, "hooks", {"distill_teacher": "base"})])
 def test_zero_noise_unbounded_clip_equals_plain_training_step_for_step(tiny_cfg, tokenizer,
-                                                                       proximal_mu, mode):
+                                                                       proximal_mu, mode,
+                                                                       objective):
     """Guards against the class of Opacus+PEFT bug that silently corrupts LoRA updates
-    (opacus issue 820), and checks the proximal term still acts under DP."""
-    cfg = _cfg(tiny_cfg)
+    (opacus issue 820), and checks that every objective term still acts under DP."""
+    cfg = _cfg(tiny_cfg, **objective)
     model, pad = get_model(cfg), tokenizer.pad_token_id
     examples = _examples(tokenizer, n=4)
     batch = collate(examples, pad)  # sample rate 1: the Poisson batch is every example
@@ -341,6 +343,21 @@ def test_server_side_fixed_clipping_bounds_each_update(tiny_cfg, flower_identity
     step = np.concatenate([(arrays[k].numpy() - start[k].numpy()).ravel() for k in start])
     assert np.linalg.norm(step) <= 0.01 + 1e-6
     assert np.linalg.norm(step) > 0.004  # the big update still counts, clipped to C/2
+
+
+def test_centralized_training_with_dp_sgd_records_epsilon(tiny_model_dir, tiny_dataset,
+                                                         tmp_path):
+    run_dir = tmp_path / "run"
+    result = fedtune("train", "--model", str(tiny_model_dir), "--dataset", str(tiny_dataset),
+                     "--categories", "", "--num-clients", "2", "--num-server-rounds", "2",
+                     "--local-steps", "2", "--batch-size", "4", "--eval-examples", "8",
+                     "--max-length", "64", "--lora-r", "4", "--dp-sgd", "true",
+                     "--dp-target-epsilon", "3", "--dp-delta", "1e-3",
+                     "--run-dir", str(run_dir), timeout=300)
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    history = [json.loads(l) for l in (run_dir / "history.jsonl").read_text().splitlines()]
+    eps = [row["epsilon"] for row in history[1:]]
+    assert len(eps) == 2 and 0 < eps[0] < eps[1] <= 3.0
 
 
 def test_dp_simulation_records_epsilon_per_round(tiny_model_dir, tmp_path):
