@@ -1,24 +1,29 @@
 #!/usr/bin/env python3
 """TLS certificates and SuperNode keys for a fedtune deployment (docs/deployment.md).
 
-Writes into OUT (default ./certs, git-ignored):
+Writes into OUT (default ./certs, git-ignored), one folder per machine to copy there:
 
-    ca.crt, ca.key                 a local certificate authority (keep ca.key private)
-    superlink.crt, superlink.key   the SuperLink's server certificate, signed by the CA, with
-                                   SANs DNS:superlink, DNS:localhost, IP:127.0.0.1 plus
-                                   --san / $FEDTUNE_CERT_SANS (comma separated names or IPs)
-    supernode-keys/NAME, NAME.pub  one ECDSA key pair per SuperNode, OpenSSH format, as
-                                   flower-supernode --auth-supernode-private-key and
-                                   flwr supernode register expect
-    authorized/NAME.pub            the public keys the SuperLink accepts: the compose
-                                   `register` service registers each of them
+    ca.crt, ca.key           a local certificate authority: keep ca.key off the servers
+    superlink/               for the SuperLink's machine (mounted at /certs):
+      ca.crt                   the CA, for `flwr` clients on that machine
+      superlink.crt, .key      its server certificate, signed by the CA, with SANs
+                               DNS:superlink, DNS:localhost, IP:127.0.0.1 plus --san /
+                               $FEDTUNE_CERT_SANS (comma separated names or IPs)
+      authorized/NAME.pub      the SuperNode public keys the SuperLink accepts: the
+                               compose `register` service registers each of them
+    NAME/                    for SuperNode NAME's machine (mounted at /certs):
+      ca.crt                   the CA that signed the SuperLink's certificate
+      supernode.key, .pub      its ECDSA key pair in OpenSSH format, as
+                               flower-supernode --auth-supernode-private-key and
+                               `flwr supernode register` expect
 
-Existing files are kept, so rerunning adds keys without breaking deployed certificates;
---force makes everything anew. Needs only `cryptography` (a dependency of flwr).
+Existing files are kept, so rerunning adds SuperNodes without breaking deployed
+certificates; --force makes everything anew. Needs only `cryptography` (a dependency
+of flwr), e.g. .venv/bin/python, or the image: see docs/deployment.md.
 
-    python scripts/make_certs.py                          # CA, server cert, supernode-0, supernode-1
+    python scripts/make_certs.py                       # CA, SuperLink, supernode-0, supernode-1
     python scripts/make_certs.py --nodes 3 --san fl.example.org,203.0.113.7
-    python scripts/make_certs.py --key-only alice         # on a client machine: its key pair only
+    python scripts/make_certs.py --key-only            # on a client machine: certs/supernode/
 """
 
 from __future__ import annotations
@@ -100,63 +105,65 @@ def make_server_cert(out: Path, ca_key, ca_cert, sans: list[str]) -> None:
     (out / "superlink.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
-def make_node_key(keys: Path, name: str) -> Path:
+def make_node_key(folder: Path) -> Path:
     """An ECDSA P-384 pair in OpenSSH format: flwr 1.42 accepts NIST-curve EC keys only."""
-    key = ec.generate_private_key(ec.SECP384R1())
-    private = keys / name
-    _write_key(private, key, serialization.PrivateFormat.OpenSSH)
-    _write_private_readable(private)
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                           serialization.PublicFormat.OpenSSH)
-    (keys / f"{name}.pub").write_bytes(public + f" {name}\n".encode())
-    return keys / f"{name}.pub"
+    folder.mkdir(parents=True, exist_ok=True)
+    private = folder / "supernode.key"
+    if not private.exists():
+        key = ec.generate_private_key(ec.SECP384R1())
+        _write_key(private, key, serialization.PrivateFormat.OpenSSH)
+        _write_private_readable(private)
+        public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                               serialization.PublicFormat.OpenSSH)
+        (folder / "supernode.key.pub").write_bytes(public + f" {folder.name}\n".encode())
+    return folder / "supernode.key.pub"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="certs", help="output folder (default: ./certs)")
     parser.add_argument("--nodes", type=int, default=2,
-                        help="SuperNode key pairs supernode-0..N-1 to make and authorize (default: 2)")
+                        help="SuperNodes supernode-0..N-1 to make keys for and authorize (default: 2)")
     parser.add_argument("--san", default=os.environ.get("FEDTUNE_CERT_SANS", ""),
                         help="extra comma separated DNS names or IPs of the SuperLink, e.g. its "
                              "public name (default: $FEDTUNE_CERT_SANS)")
-    parser.add_argument("--key-only", metavar="NAME",
-                        help="only make the key pair NAME (on a client machine); send NAME.pub "
-                             "to the server operator")
+    parser.add_argument("--key-only", metavar="NAME", nargs="?", const="supernode",
+                        help="only make the key pair OUT/NAME/supernode.key (on a client "
+                             "machine; default NAME: supernode) and send its .pub to the "
+                             "server operator")
     parser.add_argument("--unauthorized", metavar="NAME", action="append", default=[],
-                        help="also make key pair NAME without authorizing it (for tests)")
+                        help="also make SuperNode NAME without authorizing its key (tests)")
     parser.add_argument("--force", action="store_true", help="replace existing files")
     args = parser.parse_args(argv)
 
     out = Path(args.out)
     if args.force and out.exists():
         shutil.rmtree(out)
-    keys, authorized = out / "supernode-keys", out / "authorized"
-    keys.mkdir(parents=True, exist_ok=True)
     if args.key_only:
-        if not (keys / args.key_only).exists():
-            make_node_key(keys, args.key_only)
-        print(f"key pair: {keys / args.key_only}; send {keys / args.key_only}.pub to the server operator")
+        public = make_node_key(out / args.key_only)
+        print(f"{public}: send it to the server operator, who puts it in "
+              "certs/superlink/authorized/; put the CA's ca.crt you get back next to it")
         return 0
 
-    authorized.mkdir(exist_ok=True)
+    superlink, authorized = out / "superlink", out / "superlink" / "authorized"
+    authorized.mkdir(parents=True, exist_ok=True)
     sans = list(DEFAULT_SANS) + [s.strip() for s in args.san.split(",") if s.strip()]
     if (out / "ca.crt").exists() and (out / "ca.key").exists():
         ca_key = serialization.load_pem_private_key((out / "ca.key").read_bytes(), None)
         ca_cert = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
     else:
         ca_key, ca_cert = make_ca(out)
-    if not (out / "superlink.crt").exists() or args.san:
-        make_server_cert(out, ca_key, ca_cert, sans)
-    for name in [f"supernode-{i}" for i in range(args.nodes)]:
-        if not (keys / name).exists():
-            make_node_key(keys, name)
-        shutil.copyfile(keys / f"{name}.pub", authorized / f"{name}.pub")
-    for name in args.unauthorized:
-        if not (keys / name).exists():
-            make_node_key(keys, name)
+    if not (superlink / "superlink.crt").exists() or args.san:
+        make_server_cert(superlink, ca_key, ca_cert, sans)
+    names = [f"supernode-{i}" for i in range(args.nodes)]
+    for name in names + args.unauthorized:
+        public = make_node_key(out / name)
+        shutil.copyfile(out / "ca.crt", out / name / "ca.crt")
+        if name in names:
+            shutil.copyfile(public, authorized / f"{name}.pub")
+    shutil.copyfile(out / "ca.crt", superlink / "ca.crt")
     print(f"{out}: CA, SuperLink certificate for {', '.join(sans)}, "
-          f"{args.nodes} authorized SuperNode key(s) in {authorized}")
+          f"{len(names)} authorized SuperNode key(s) in {authorized}")
     return 0
 
 

@@ -74,6 +74,7 @@ class Processes:
 
 
 def superlink_args(certs: Path, port: int, database: Path) -> list[str]:
+    """``certs``: the superlink/ folder of scripts/make_certs.py."""
     return [str(BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(port),
             "--ssl-ca-certfile", str(certs / "ca.crt"),
             "--ssl-certfile", str(certs / "superlink.crt"),

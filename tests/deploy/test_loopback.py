@@ -39,13 +39,13 @@ def test_superlink_and_supernodes_on_loopback_with_tls_and_node_auth(
     own.mkdir()
     write_records(own / "part-a.jsonl", categories=("gamma",), per_category=12)
     write_records(own / "part-b.jsonl", categories=("delta",), per_category=12)
-    keys = certs / "supernode-keys"
     procs = Processes(tmp_path / "logs")
     try:
-        procs.start("superlink", superlink_args(certs, port, tmp_path / "state.db"), env)
+        procs.start("superlink",
+                    superlink_args(certs / "superlink", port, tmp_path / "state.db"), env)
         wait_for_port(port)
         register = subprocess.run(["sh", str(ROOT / "docker/register-supernodes.sh"),
-                                   str(certs / "authorized"), CONNECTION],
+                                   str(certs / "superlink" / "authorized"), CONNECTION],
                                   env=env, capture_output=True, text=True, timeout=120)
         assert register.returncode == 0, register.stderr
         nodes = {
@@ -56,21 +56,23 @@ def test_superlink_and_supernodes_on_loopback_with_tls_and_node_auth(
             "node2": f"partition-id=2 data-path='{tmp_path / 'not-mounted'}'",
         }
         for i, (name, node_config) in enumerate(nodes.items()):
-            procs.start(name, supernode_args(address, certs / "ca.crt", keys / f"supernode-{i}",
-                                             node_config, free_port()), env)
+            key = certs / f"supernode-{i}" / "supernode.key"
+            procs.start(name, supernode_args(address, certs / "ca.crt", key, node_config,
+                                             free_port()), env)
 
         # Bad input fails fast with a non-zero exit, while the federation runs:
         # a key the SuperLink does not list, a certificate from another CA, a wrong port.
         other = tmp_path / "other-certs"
         make_certs(["--out", str(other), "--nodes", "1"])
+        key0 = certs / "supernode-0" / "supernode.key"
         bad = {
-            "intruder": supernode_args(address, certs / "ca.crt", keys / "intruder",
+            "intruder": supernode_args(address, certs / "ca.crt",
+                                       certs / "intruder" / "supernode.key",
                                        "partition-id=0", free_port()),
-            "wrong-ca": supernode_args(address, other / "ca.crt", keys / "supernode-0",
-                                       "partition-id=0", free_port()),
-            "wrong-address": supernode_args(f"127.0.0.1:{free_port()}", certs / "ca.crt",
-                                            keys / "supernode-0", "partition-id=0",
-                                            free_port(), max_wait_time=10),
+            "wrong-ca": supernode_args(address, other / "ca.crt", key0, "partition-id=0",
+                                       free_port()),
+            "wrong-address": supernode_args(f"127.0.0.1:{free_port()}", certs / "ca.crt", key0,
+                                            "partition-id=0", free_port(), max_wait_time=10),
         }
         for name, args in bad.items():
             procs.start(name, args, env)
