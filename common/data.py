@@ -516,7 +516,16 @@ def local_examples(cfg: RunConfig, data_path: str, tokenizer) -> list[dict]:
             raise ValueError(
                 f"data-path '{data_path}' holds no {'/'.join(_FILE_SUFFIXES)} file: put the "
                 "node's records there")
-        ds = datasets.concatenate_datasets([_load_file(f) for f in files])
+        parts = [_load_file(f) for f in files]
+        columns = {f.name: sorted(p.column_names) for f, p in zip(files, parts)}
+        if len({tuple(c) for c in columns.values()}) > 1:
+            raise ValueError(f"data-path '{data_path}': its files differ in columns ({columns}): "
+                             "use one record format for all of a node's files")
+        try:
+            ds = datasets.concatenate_datasets(parts)
+        except ValueError as err:  # same columns, other types (e.g. int vs string)
+            raise ValueError(f"data-path '{data_path}': its files do not fit one table "
+                             f"({_first_line(err)}): give each field one type") from None
     else:
         ds = load_dataset_any(str(path))
     if cfg.max_examples_per_client and len(ds) > cfg.max_examples_per_client:
