@@ -4,6 +4,7 @@ be pulled from a registry on the test machines), and the project image built on 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -125,10 +126,21 @@ def base_image(work: Path) -> str:
     return BASE_IMAGE
 
 
-def build_image(tag: str, base: str, context: Path) -> None:
+def _context_hash(context: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in context.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(context)).encode() + b"\0")
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
+def build_image(repository: str, base: str, context: Path) -> str:
     """docker/Dockerfile on the local base, from a context of the project's files plus
     docker/extra/: the local CPU torch wheel and the host's CA bundle (HTTPS to the
-    package index goes through a proxy that this bundle trusts)."""
+    package index goes through a proxy that this bundle trusts). The tag is a hash of
+    the context, so that a rerun on an unchanged tree reuses the image."""
     shutil.rmtree(context, ignore_errors=True)
     context.mkdir(parents=True)
     for name in ("pyproject.toml", "README.md"):
@@ -141,7 +153,16 @@ def build_image(tag: str, base: str, context: Path) -> None:
         shutil.copy(wheel, extra / wheel.name)
     if HOST_CA_BUNDLE.exists():
         shutil.copy(HOST_CA_BUNDLE, extra / "ca-certificates.crt")
+    tag = f"{repository}:{_context_hash(context)}"
+    if _image_exists(tag):
+        return tag
     build = _run(["docker", "build", "-f", "docker/Dockerfile", "-t", tag,
                   "--build-arg", f"BASE_IMAGE={base}", "--build-arg", "WITH_BUILTIN_MODEL=0",
                   "."], cwd=context, timeout=1200)
     assert build.returncode == 0, build.stdout[-4000:] + build.stderr[-4000:]
+    # Images of older trees (2.4 GB each) only fill the disk.
+    old = _run(["docker", "images", repository, "--format", "{{.Repository}}:{{.Tag}}"], timeout=60)
+    stale = [t for t in old.stdout.split() if t != tag]
+    if stale:
+        _run(["docker", "image", "rm", *stale], timeout=300)
+    return tag

@@ -21,7 +21,7 @@ from tests.deploy.docker_env import (
 )
 from tests.deploy.flower import ROOT, free_port
 
-IMAGE = "fedtune:deploy-test"
+IMAGE_REPOSITORY = "fedtune-deploy-test"
 UID = 1000  # the image's user (docker/Dockerfile): it writes the run folder
 
 
@@ -38,8 +38,7 @@ def docker(tmp_path_factory):
             compose = compose_command()
         except DockerUnavailable as err:
             pytest.skip(f"Docker cannot run here: {err}")
-        build_image(IMAGE, base, work / "context")
-        yield compose
+        yield compose, build_image(IMAGE_REPOSITORY, base, work / "context")
     finally:
         daemon.stop()
 
@@ -51,6 +50,7 @@ def _health(container: str) -> str:
 
 
 def test_compose_runs_a_federation_with_tls_and_node_auth(docker, tiny_model_dir, tmp_path):
+    compose_cli, image = docker
     project = f"fedtune-test-{os.getpid()}"
     certs, runs, models = tmp_path / "certs", tmp_path / "runs", tmp_path / "models"
     make_certs(["--out", str(certs), "--nodes", "2", "--unauthorized", "intruder"])
@@ -61,10 +61,14 @@ def test_compose_runs_a_federation_with_tls_and_node_auth(docker, tiny_model_dir
     server_data.mkdir(), node1_data.mkdir()
     write_records(server_data / "records.jsonl")
     write_records(node1_data / "mine.jsonl", categories=("gamma",), per_category=20)
+    # pytest's temp folders are private to root: the containers' user must read the
+    # mounted model and data, and write the run folder.
+    for folder in (models, server_data, node1_data):
+        subprocess.run(["chmod", "-R", "a+rX", str(folder)], check=True)
     runs.mkdir()
     os.chown(runs, UID, UID)
     env = dict(
-        os.environ, COMPOSE_PROJECT_NAME=project, FEDTUNE_IMAGE=IMAGE,
+        os.environ, COMPOSE_PROJECT_NAME=project, FEDTUNE_IMAGE=image,
         FEDTUNE_CERTS=str(certs), FEDTUNE_RUNS=str(runs), FEDTUNE_MODELS=str(models),
         FEDTUNE_SERVER_DATA=str(server_data), FEDTUNE_DATA_0=str(server_data),
         FEDTUNE_DATA_1=str(node1_data), FEDTUNE_PORT=str(free_port()), HF_HUB_OFFLINE="1",
@@ -74,7 +78,7 @@ def test_compose_runs_a_federation_with_tls_and_node_auth(docker, tiny_model_dir
                             "num-clients=2 num-server-rounds=2 local-steps=2 batch-size=4 "
                             "eval-examples=8 max-length=64 lora-r=4 run-dir='/runs/test'"),
     )
-    compose = docker + ["-f", str(ROOT / "docker-compose.yml")]
+    compose = compose_cli + ["-f", str(ROOT / "docker-compose.yml")]
 
     def run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
         return subprocess.run(compose + list(args), cwd=ROOT, env=env, capture_output=True,
@@ -92,7 +96,7 @@ def test_compose_runs_a_federation_with_tls_and_node_auth(docker, tiny_model_dir
         # A SuperNode whose key is not on the SuperLink's list is refused and exits.
         intruder = subprocess.run(
             ["docker", "run", "--rm", "--init", "--network", f"{project}_fedtune",
-             "-v", f"{certs / 'intruder'}:/certs:ro", IMAGE,
+             "-v", f"{certs / 'intruder'}:/certs:ro", image,
              "flower-supernode", "--superlink=superlink:8000", "--root-certificates=/certs/ca.crt",
              "--auth-supernode-private-key=/certs/supernode.key", "--node-config=partition-id=0",
              "--max-retries=2", "--max-wait-time=30"],
