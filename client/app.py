@@ -14,7 +14,7 @@ from common.config import (
     SERVER_ROUND_KEY, TRANSPORT_DTYPE_KEY, UNIT_WEIGHT_KEY, DP_EPSILON_KEY, RunConfig,
 )
 from common.dp import DP_REFUSAL_CODE, BudgetExhausted
-from common.data import batches_forever, partition_examples
+from common.data import batches_forever, local_examples, partition_examples
 from common.model import adapter_state, get_model, load_tokenizer, set_adapter_state
 from common.objectives import build_objective
 from common.runtime import config_from_run_config, setup_process
@@ -25,6 +25,7 @@ from common.transport import decode_state, encode_state
 from client.privacy import client_dp_mod, private_round, save_accountant
 
 app = ClientApp()
+DATA_PATH_KEY = "data-path"  # node-config: this node's own data folder (docs/deployment.md)
 
 
 def _partition(context: Context, cfg: RunConfig) -> tuple[int, int]:
@@ -32,7 +33,8 @@ def _partition(context: Context, cfg: RunConfig) -> tuple[int, int]:
     if "partition-id" not in node:
         raise ValueError(
             "node-config lacks 'partition-id': start the SuperNode with "
-            "--node-config \"partition-id=0 num-partitions=N\""
+            "--node-config \"partition-id=0 num-partitions=N\" (a partition of the "
+            "run's dataset) or --node-config \"data-path='/data'\" (its own data)"
         )
     return int(node["partition-id"]), int(node.get("num-partitions", cfg.num_clients))
 
@@ -55,9 +57,20 @@ def _prepare(msg: Message, context: Context):
     model, tokenizer = get_model(cfg), load_tokenizer(cfg.model)  # cached per process
     # Decoded to float32; loading casts to the model's dtype, which training uses.
     set_adapter_state(model, _global_state(msg))
-    partition_id, num_partitions = _partition(context, cfg)
-    examples = partition_examples(cfg, partition_id, num_partitions, tokenizer)
+    partition_id, examples = _examples(context, cfg, tokenizer)
     return cfg, model, tokenizer, partition_id, examples
+
+
+def _examples(context: Context, cfg: RunConfig, tokenizer) -> tuple[int, list[dict]]:
+    """This node's training examples and its id for seeds and metrics: its own files
+    with node-config 'data-path' (a real deployment), else a partition of 'dataset'."""
+    node = context.node_config
+    if DATA_PATH_KEY in node:
+        # Seeds differ across clients by partition-id if set, else by Flower's node id.
+        client_id = int(node.get("partition-id", context.node_id % 1_000_003))
+        return client_id, local_examples(cfg, str(node[DATA_PATH_KEY]), tokenizer)
+    partition_id, num_partitions = _partition(context, cfg)
+    return partition_id, partition_examples(cfg, partition_id, num_partitions, tokenizer)
 
 
 @app.train(mods=[client_dp_mod])
