@@ -480,10 +480,14 @@ def _tokenize(cfg: RunConfig, data: RunData, ds, tokenizer) -> list[dict]:
     return tokenize_dataset(ds, data.fmt, tokenizer, cfg.max_length)
 
 
-def leading_examples(cfg: RunConfig, tokenizer) -> list[dict]:
+def leading_examples(cfg: RunConfig, tokenizer, *, labels: list[str] | None = None) -> list[dict]:
     """The first ``eval-examples`` records of ``cfg.dataset`` in file order, tokenized:
-    what ``fedtune evaluate`` scores when no run's held-out split applies."""
+    what ``fedtune evaluate`` scores when no run's held-out split applies.
+    Classification needs the run's ``labels``, so that ids mean what they meant in training."""
     ds = load_dataset_any(cfg.dataset)
-    fmt = detect_format(ds.column_names, cfg.data_format, cfg.dataset)
     ds = ds.select(range(min(cfg.eval_examples, len(ds))))
+    if cfg.task == "classification":
+        fmt = classification_format(ds.column_names, cfg.text_column, cfg.label_column, cfg.dataset)
+        return tokenize_classification(ds, fmt, labels, tokenizer, cfg.max_length)
+    fmt = detect_format(ds.column_names, cfg.data_format, cfg.dataset)
     return tokenize_dataset(ds, fmt, tokenizer, cfg.max_length)

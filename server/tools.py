@@ -12,12 +12,16 @@ import argparse
 import json
 import os
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from common.config import BUILTIN_DATASET, BUILTIN_MODEL, DTYPES, RunConfig
+from common.config import BUILTIN_CLASSIFIER, BUILTIN_DATASET, BUILTIN_MODEL, DTYPES, RunConfig
 
 TRY_PROMPT = "Define the word 'otter' (noun)."
 HELP = argparse.RawDescriptionHelpFormatter
+if TYPE_CHECKING:  # the tools import torch and peft lazily: `fedtune --help` stays fast
+    from common.adapters import AdapterSource
 
 EVALUATE_EXAMPLE = f"""examples:
   fedtune evaluate --adapter runs/20261126-145844            # latest round, the run's held-out split
@@ -117,9 +121,18 @@ def _add_model_arguments(p: argparse.ArgumentParser, *, adapter_required: bool) 
                    help="base weight dtype (default: the run's, else float32)")
 
 
-def _load(args: argparse.Namespace):
-    """(model, tokenizer, config, adapter source): the run's config when the adapter
-    comes from a run folder, so its model, dtype and max-length are the defaults."""
+@dataclass(frozen=True)
+class Loaded:
+    model: object
+    tokenizer: object
+    cfg: RunConfig                # the run's config (or the defaults), --model/--dtype applied
+    source: AdapterSource | None
+    labels: list[str] | None      # classification: the run's label names, by class id
+
+
+def _load(args: argparse.Namespace) -> Loaded:
+    """Base model + adapter, with the run's config when the adapter comes from a run
+    folder, so its task, model, dtype and max-length are the defaults."""
     from common.adapters import attach_adapter, find_adapter
     from common.model import load_base_model, load_tokenizer
     from common.runtime import setup_process
@@ -127,22 +140,41 @@ def _load(args: argparse.Namespace):
     if args.round is not None and not args.adapter:
         raise ValueError("--round needs --adapter RUN_DIR")
     source = find_adapter(args.adapter, round_num=args.round) if args.adapter else None
+    if source and source.run_cfg is None and _is_classifier_adapter(source.path):
+        raise ValueError(f"adapter '{source.path}' is a sequence classifier: give its run "
+                         "folder as --adapter, whose data defines the labels")
     cfg = source.run_cfg if source and source.run_cfg else RunConfig()
     cfg = cfg.replace(model=args.model or cfg.model, dtype=args.dtype or cfg.dtype)
-    if cfg.model == BUILTIN_MODEL or Path(cfg.model).expanduser().exists():
+    if cfg.model in (BUILTIN_MODEL, BUILTIN_CLASSIFIER) or Path(cfg.model).expanduser().exists():
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local model: never wait on the Hub
     setup_process(os.cpu_count() or 1)
+    labels = None
+    if cfg.task == "classification":
+        from common.data import class_labels
+
+        labels = class_labels(cfg)  # as in training: sorted labels of the run's training pool
     tokenizer = load_tokenizer(cfg.model)
-    base = load_base_model(cfg.model, cfg.dtype)
+    base = load_base_model(cfg.model, cfg.dtype, num_labels=len(labels or ()))
+    if labels:  # named classes in an exported config.json, not LABEL_0, LABEL_1, ...
+        base.config.id2label = dict(enumerate(labels))
+        base.config.label2id = {label: i for i, label in enumerate(labels)}
     model = attach_adapter(base, source.path, model_name=cfg.model) if source else base
-    return model, tokenizer, cfg, source
+    return Loaded(model, tokenizer, cfg, source, labels)
+
+
+def _is_classifier_adapter(folder: Path) -> bool:
+    try:
+        return json.loads((folder / "adapter_config.json").read_text()).get("task_type") == "SEQ_CLS"
+    except (OSError, ValueError):
+        return False  # attach_adapter reports an unreadable config with its own message
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from common.data import heldout_examples, leading_examples
     from common.train import evaluate
 
-    model, tokenizer, cfg, source = _load(args)
+    loaded = _load(args)
+    cfg, source, tokenizer = loaded.cfg, loaded.source, loaded.tokenizer
     use_heldout = source is not None and source.run_cfg is not None and args.dataset is None
     if use_heldout and args.eval_examples is not None:
         raise ValueError(f"--eval-examples needs --dataset: the run's held-out split has its "
@@ -154,20 +186,35 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if use_heldout:
         examples, data = heldout_examples(cfg, cfg.num_clients, tokenizer), "the run's held-out split"
     else:
-        examples, data = leading_examples(cfg, tokenizer), f"first records of '{cfg.dataset}'"
-    stats = evaluate(model, examples, batch_size=cfg.eval_batch_size,
+        examples = leading_examples(cfg, tokenizer, labels=loaded.labels)
+        data = f"first records of '{cfg.dataset}'"
+    stats = evaluate(loaded.model, examples, batch_size=cfg.eval_batch_size,
                      pad_token_id=tokenizer.pad_token_id)
     classify = cfg.task == "classification"
     result = {"adapter": str(source.path) if source else None, "model": cfg.model,
               "data": data, "examples": len(examples),
               **({} if classify else {"tokens": stats.count}), **stats.row(prefix="")}
+    if classify:  # rows: true label, columns: predicted label, in the order of "labels"
+        result.update({"labels": loaded.labels, "confusion-matrix": stats.confusion})
     if args.json:
         print(json.dumps(result))
-    else:
-        print(f"{result['adapter'] or 'base model'} on {data}: {len(examples)} examples"
-              + ("" if classify else f", {stats.count} response tokens"))
-        print(" | ".join(f"{k} {v:.4f}" for k, v in stats.row(prefix="").items()))
+        return 0
+    print(f"{result['adapter'] or 'base model'} on {data}: {len(examples)} examples"
+          + ("" if classify else f", {stats.count} response tokens"))
+    print(" | ".join(f"{k} {v:.4f}" for k, v in stats.row(prefix="").items()))
+    if classify:
+        print("\n".join(format_confusion(loaded.labels, stats.confusion)))
     return 0
+
+
+def format_confusion(labels: list[str], matrix: list[list[int]]) -> list[str]:
+    """The matrix as a table: one row per true label, one column per predicted label."""
+    width = max(len(label) for label in labels + [str(max(map(max, matrix)))])
+    lines = ["confusion matrix (rows: true label, columns: predicted label):",
+             " " * width + " " + " ".join(f"{label:>{width}}" for label in labels)]
+    for label, row in zip(labels, matrix):
+        lines.append(f"{label:<{width}} " + " ".join(f"{n:>{width}}" for n in row))
+    return lines
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -178,7 +225,11 @@ def run_generate(args: argparse.Namespace) -> int:
         raise ValueError("--compare needs --adapter: it prints base and fine-tuned answers")
     sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_p=args.top_p, seed=args.seed)
-    model, tokenizer, _, _ = _load(args)
+    loaded = _load(args)
+    if loaded.labels is not None:
+        raise ValueError("generate needs a causal-LM run; this one is a classifier: "
+                         "use `fedtune evaluate` for its accuracy and confusion matrix")
+    model, tokenizer = loaded.model, loaded.tokenizer
     for prompt in prompts:
         print(f"> {prompt}")
         if args.compare:
@@ -215,10 +266,11 @@ def run_export(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser()
     if out.exists():  # before loading the model: fail in a second, not a minute
         raise FileExistsError(f"export folder '{out}' already exists: choose another --out")
-    model, tokenizer, _, _ = _load(args)
-    export_merged(model, tokenizer, out)
-    print(f"merged model saved to {out}; load it with "
-          f"AutoModelForCausalLM.from_pretrained('{out}') (no peft needed)")
+    loaded = _load(args)
+    export_merged(loaded.model, loaded.tokenizer, out)
+    auto = "AutoModelForSequenceClassification" if loaded.labels else "AutoModelForCausalLM"
+    print(f"merged model saved to {out}; load it with {auto}.from_pretrained('{out}') "
+          "(no peft needed)")
     return 0
 
 

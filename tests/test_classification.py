@@ -107,3 +107,68 @@ def test_bad_classification_data_is_refused(tiny_encoder_dir, labelled_dataset, 
         heldout_examples(cfg, 2, load_tokenizer(cfg.model))
     with pytest.raises(ValueError, match="'distill-teacher' works with task 'causal-lm' only"):
         _cfg(tiny_encoder_dir, labelled_dataset, tmp_path, distill_teacher="base")
+
+
+def test_confusion_matrix_matches_hand_computation():
+    from common.train import confusion_matrix
+
+    # (true, predicted): (0,0) (1,0) (1,1) (0,2); class 2 never true, its row stays zero
+    assert confusion_matrix([0, 0, 1, 2], [0, 1, 1, 0], 3) == [[1, 0, 1], [1, 1, 0], [0, 0, 0]]
+    assert confusion_matrix([], [], 2) == [[0, 0], [0, 0]]
+
+
+@pytest.fixture()
+def classifier_run(tiny_encoder_dir, labelled_dataset, tmp_path):
+    """A 1-round classification run folder whose adapter (LoRA + head) is random, not zero."""
+    from tests.test_tools import run_rounds, scaled_adapter
+
+    cfg = _cfg(tiny_encoder_dir, labelled_dataset, tmp_path)
+    return run_rounds(cfg, [scaled_adapter(get_model(cfg), 1, 0.5)])
+
+
+def test_evaluate_confusion_matrix_matches_a_hand_computation(classifier_run, tiny_encoder_dir,
+                                                              tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from server.cli import main
+
+    rows = [{"text": t, "category": c} for t, c in [
+        ("cat dog horse", "animal"), ("bread cheese soup", "food"), ("bird fish cow", "animal"),
+        ("rice apple pie", "food"), ("cow soup", "food"), ("horse bread", "animal")]]
+    data = tmp_path / "six.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["evaluate", "--adapter", str(classifier_run.path), "--dataset", str(data),
+            "--eval-examples", "6", "--batch-size", "4"]
+    assert main([*args, "--json"]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    tokenizer = load_tokenizer(str(tiny_encoder_dir))
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_encoder_dir, num_labels=2)
+    model = PeftModel.from_pretrained(base, classifier_run.path / "adapter").eval()
+    ids = {"animal": 0, "food": 1}  # the run's labels, sorted
+    want = [[0, 0], [0, 0]]
+    for row in rows:  # one unpadded text at a time
+        with torch.no_grad():
+            logits = model(**tokenizer(row["text"], return_tensors="pt")).logits[0]
+        want[ids[row["category"]]][int(logits.argmax())] += 1
+    assert got["labels"] == ["animal", "food"] and got["confusion-matrix"] == want
+    assert got["accuracy"] == pytest.approx((want[0][0] + want[1][1]) / 6)
+
+    assert main(args) == 0  # the table a person reads: label names on rows and columns
+    out = capsys.readouterr().out.splitlines()
+    table = out[out.index("confusion matrix (rows: true label, columns: predicted label):") + 1:]
+    assert table[0].split() == ["animal", "food"]
+    assert table[1].split() == ["animal", *map(str, want[0])]
+    assert table[2].split() == ["food", *map(str, want[1])]
+
+
+def test_evaluate_classifier_run_defaults_to_its_heldout_split(classifier_run, capsys):
+    from server.cli import main
+
+    assert main(["evaluate", "--adapter", str(classifier_run.path), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    round1 = classifier_run.history()[1]
+    assert got["accuracy"] == pytest.approx(round1["eval-accuracy"])
+    assert got["macro-f1"] == pytest.approx(round1["eval-macro-f1"])
+    assert sum(map(sum, got["confusion-matrix"])) == got["examples"] == 10
