@@ -11,10 +11,12 @@ from pathlib import Path
 from server.tracking import client_label
 
 PLOTS_DIR = "plots"
+EPSILON = "epsilon"  # history column of a DP run: the privacy budget spent up to that round
 
 
 def plot_run(run_dir: Path) -> list[Path]:
-    """Write RUN_DIR/plots/{loss,perplexity,clients,traffic}.png; return their paths."""
+    """Write RUN_DIR/plots/{loss,perplexity,clients,traffic}.png, plus epsilon.png when
+    the history has an epsilon column; return their paths."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers, CI or Ray workers
@@ -26,12 +28,15 @@ def plot_run(run_dir: Path) -> list[Path]:
     out = run_dir / PLOTS_DIR
     out.mkdir(exist_ok=True)
     title = run_dir.resolve().name
-    return [
+    paths = [
         _loss(history, out / "loss.png", title),
         _perplexity(history, out / "perplexity.png", title),
         _clients(clients, out / "clients.png", title),
         _traffic(history, out / "traffic.png", title),
     ]
+    if _series(history, EPSILON)[0]:  # only runs with differential privacy report epsilon
+        paths.append(_epsilon(history, out / "epsilon.png", title))
+    return paths
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -81,6 +86,12 @@ def _traffic(history, path, title):
             cumulative.append(total)
         ax.plot(rounds, cumulative, marker="o", label=label)
     ax.legend()
+    return _save(fig, path)
+
+
+def _epsilon(history, path, title):
+    fig, ax = _figure(f"Privacy budget spent — {title}", "epsilon spent since round 1 (cumulative)")
+    ax.plot(*_series(history, EPSILON), marker="o", color="tab:red")
     return _save(fig, path)
 
 
