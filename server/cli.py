@@ -17,6 +17,8 @@ import difflib
 import json
 import math
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -203,7 +205,7 @@ def plot_after_run(run_dir: Path) -> None:
         print(f"plots: {paths[0].parent}/ ({', '.join(p.name for p in paths)})")
     except Exception as err:  # noqa: BLE001 - any failure here must not fail the run
         print(f"fedtune: warning: plotting failed ({type(err).__name__}: {err}); "
-              f"retry with `fedtune plot {run_dir}`", file=sys.stderr)
+              f"retry with `{invoked_as()} plot {run_dir}`", file=sys.stderr)
 
 
 def try_prompt(cfg: RunConfig) -> str:
@@ -284,9 +286,23 @@ def print_summary(run_dir: Path, seconds: float, prompt: str = TRY_PROMPT) -> No
         f"best: {run_dir / 'best'} = round {best['round']})",
     ]
     if lm:
-        lines.append(f"try it: fedtune generate --adapter {run_dir} --prompt {_double_quoted(prompt)}")
+        lines.append(f"try it: {invoked_as()} generate --adapter {run_dir} "
+                     f"--prompt {_double_quoted(prompt)}")
     for line in lines:
         run.log(line)
+
+
+def invoked_as() -> str:
+    """`fedtune` as the user can paste it into the same shell: the path they typed when
+    `fedtune` alone would not run it (README's `.venv/bin/fedtune simulate`, venv not
+    activated), else `fedtune` (also under `python -m server.cli`)."""
+    typed = sys.argv[0] if sys.argv else ""
+    if Path(typed).name != "fedtune":
+        return "fedtune"
+    on_path = shutil.which("fedtune")
+    if on_path and Path(on_path).resolve() == Path(typed).resolve():
+        return "fedtune"
+    return shlex.quote(typed)
 
 
 def _double_quoted(text: str) -> str:

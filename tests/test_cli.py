@@ -110,3 +110,20 @@ def test_two_clients_two_rounds_end_to_end(tiny_model_dir, tiny_dataset, tmp_pat
     assert out.shape == (1, 6)
     assert (run_dir / "adapters" / "round-1" / "adapter_model.safetensors").exists()
     assert _tagged_processes(tag) == [], "the simulation left processes running"
+
+
+def test_printed_commands_name_fedtune_as_the_user_can_paste_it(tmp_path, monkeypatch):
+    from server.cli import invoked_as
+
+    script = tmp_path / "venv" / "bin" / "fedtune"
+    script.parent.mkdir(parents=True)
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["venv/bin/fedtune"])
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # venv not activated: `fedtune` alone fails
+    assert invoked_as() == "venv/bin/fedtune"
+    monkeypatch.setenv("PATH", f"{script.parent}:/usr/bin:/bin")  # activated
+    assert invoked_as() == "fedtune"
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "server" / "cli.py")])  # python -m server.cli
+    assert invoked_as() == "fedtune"
