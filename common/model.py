@@ -254,3 +254,22 @@ def load_teacher(cfg: RunConfig):
     teacher.requires_grad_(False)
     _TEACHERS[key] = teacher
     return teacher
+
+
+def check_target_modules(cfg: RunConfig) -> None:
+    """Refuse LoRA target names the model lacks, before any process loads weights:
+    the model is built on the meta device from its config alone (no memory, no I/O)."""
+    if cfg.lora_target_modules == "all-linear":
+        return
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForSequenceClassification if cfg.task == "classification" else AutoModelForCausalLM
+    with torch.device("meta"):
+        model = auto.from_config(AutoConfig.from_pretrained(resolve_model_path(cfg.model)))
+    linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                     if isinstance(module, torch.nn.Linear)})
+    missing = [name for name in cfg.target_module_list if name not in linear]
+    if missing:
+        raise ValueError(
+            f"config 'lora-target-modules': {', '.join(missing)} not in model '{cfg.model}'; "
+            f"its linear layers are {', '.join(linear)} (or use 'all-linear')")

@@ -156,12 +156,14 @@ def preflight(cfg: RunConfig) -> RunConfig:
     """Fail fast, in this process, on what would otherwise fail inside every client:
     bad model path, bad dataset, impossible partitioning. Also converts the built-in
     model once, before clients start (so they never race to do it)."""
-    from common.data import load_run_data
-    from common.model import load_tokenizer, resolve_model_path
+    from common.data import heldout_examples
+    from common.model import check_target_modules, load_tokenizer, resolve_model_path
 
     resolve_model_path(cfg.model)
-    load_tokenizer(cfg.model)
-    load_run_data(cfg, cfg.num_clients)
+    check_target_modules(cfg)
+    # Tokenizing the held-out split also loads and partitions the data, and catches a
+    # tokenizer without a chat template or a bad record here, once, not in every client.
+    heldout_examples(cfg, cfg.num_clients, load_tokenizer(cfg.model))
     if cfg.resume_from:
         from server.checkpoints import RunFolder, check_resumable
 

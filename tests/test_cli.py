@@ -41,6 +41,8 @@ def _tagged_processes(tag: str) -> list[int]:
     (["--run-config", "lokal-steps=3"], "unknown config key 'lokal-steps'"),
     (["--num-clients", "5"], "gives 4 clients but 5 were asked for"),
     (["--lr", "-1"], "config 'lr' must be > 0"),
+    (["--lora-target-modules", "q_proj,qkv"], "qkv not in model 'smollm2-135m-instruct'; its "
+                                              "linear layers are down_proj, gate_proj, k_proj"),
 ])
 def test_bad_input_is_one_clear_line_and_nothing_written(tmp_path, args, message):
     run_dir = tmp_path / "run"
