@@ -99,7 +99,8 @@ def load_dataset_any(source: str):
         return datasets.load_dataset(source, split="train")
     except Exception as err:  # the Hub raises many types; the message is what matters
         raise ValueError(
-            f"cannot load dataset '{source}' from the Hub: {str(err).splitlines()[0]}"
+            f"cannot load dataset '{source}' from the Hub: {str(err).splitlines()[0]}; check "
+            "the name, or without the Hub give a file or a datasets.save_to_disk folder"
         ) from None
 
 

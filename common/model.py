@@ -113,7 +113,8 @@ def load_tokenizer(name: str):
             tok = AutoTokenizer.from_pretrained(path)
         except OSError as err:
             raise FileNotFoundError(
-                f"cannot load tokenizer for model '{name}': {str(err).splitlines()[0]}"
+                f"cannot load tokenizer for model '{name}': {str(err).splitlines()[0]} (is the "
+                "name or path right? without the Hub, use a local folder or the built-in default)"
             ) from None
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token

@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(sim)
     sim.add_argument("--resume", dest="resume-from", default=None, metavar="RUN_DIR",
                      help="continue this run folder after its last completed round, with its "
-                          "config; flags given here override it (same as --resume-from)")
+                          "config; flags given here override it (same as --resume-from; "
+                          "default: none, a new run)")
     train = sub.add_parser(
         "train", help="the same trainer without Flower: centralized or local-only baseline",
         allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -98,11 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example:\n  fedtune personalize runs/20261126-145844 --k-steps 5\n",
         description="Each client fine-tunes the run's global adapter for k steps on a "
                     "support split of its data; prints its query loss before and after.")
-    pers.add_argument("run_dir", help="a run folder (its config.json and adapter are used)")
-    pers.add_argument("--k-steps", type=int, default=5, help="adaptation steps (default: 5)")
-    pers.add_argument("--support-examples", type=int, default=16,
+    pers.add_argument("run_dir", metavar="RUN_DIR",
+                      help="a run folder (its config.json and adapter are used)")
+    pers.add_argument("--k-steps", type=int, default=5, metavar="N",
+                      help="adaptation steps (default: 5)")
+    pers.add_argument("--support-examples", type=int, default=16, metavar="N",
                       help="support split size per client (default: 16)")
-    pers.add_argument("--query-examples", type=int, default=32,
+    pers.add_argument("--query-examples", type=int, default=32, metavar="N",
                       help="query split size per client (default: 32)")
     pers.set_defaults(run=personalize_command)
     add_tool_parsers(sub)
@@ -112,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--run-config", metavar="'k=v ...' | FILE.toml", default="",
-        help="settings as Flower's --run-config string or a TOML file; --key flags win")
+        help="settings as Flower's --run-config string or a TOML file; --key flags win "
+             "(default: none)")
     for key, default, help_text in config_fields():
         # A bool may be given bare (--tensorboard) or with a value (--tensorboard false).
         flag = dict(nargs="?", const="true") if isinstance(default, bool) else {}

@@ -28,6 +28,7 @@ EVALUATE_EXAMPLE = f"""examples:
   fedtune evaluate --adapter runs/20261126-145844 --round 1
   fedtune evaluate --adapter runs/20261126-145844/best --dataset my_eval.jsonl --eval-examples 200
   fedtune evaluate                                           # the base model alone ({BUILTIN_MODEL})
+  fedtune evaluate --adapter runs/my-classifier --json       # classifier: accuracy, macro-F1, confusion matrix
 
 defaults: --model is the run's model (else {BUILTIN_MODEL}); with a run folder and no
 --dataset, the run's held-out split; else the first --eval-examples (96) records of
@@ -53,13 +54,17 @@ defaults: --model is the run's model (else {BUILTIN_MODEL}); --dtype the run's (
 PLOT_EXAMPLE = """examples:
   fedtune plot runs/20261126-145844       # writes runs/20261126-145844/plots/*.png
 
-`fedtune simulate` runs this at the end of every run.
+Writes loss.png, perplexity.png, clients.png and traffic.png, and epsilon.png when the
+run's history has an epsilon column (differential privacy).
+`fedtune simulate` and `fedtune train` run this at the end of every run.
 """
 
 
 def add_tool_parsers(sub) -> None:
-    p = sub.add_parser("evaluate", help="loss, perplexity and token accuracy of base + adapter",
-                       description="Evaluate a base model plus adapter on a dataset.",
+    p = sub.add_parser("evaluate", help="held-out metrics of base + adapter (causal LM or classifier)",
+                       description="Evaluate a base model plus adapter on a dataset. Causal LM: "
+                                   "loss, perplexity, token accuracy over response tokens. "
+                                   "Classification: loss, accuracy, macro-F1 and the confusion matrix.",
                        formatter_class=HELP, epilog=EVALUATE_EXAMPLE, allow_abbrev=False)
     _add_model_arguments(p, adapter_required=False)
     p.add_argument("--dataset", default=None, metavar="SOURCE",
@@ -73,7 +78,9 @@ def add_tool_parsers(sub) -> None:
                    help="token cap per example (default: the run's, else 96)")
     p.add_argument("--batch-size", type=int, default=None, metavar="N",
                    help="evaluation batch size (default: the run's eval-batch-size, else 16)")
-    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    p.add_argument("--json", action="store_true",
+                   help="print the metrics (and a classifier's labels and confusion matrix) as "
+                        "one JSON object (default: off, a readable summary)")
     p.set_defaults(run=run_evaluate)
 
     p = sub.add_parser("generate", help="answer prompts with base + adapter (chat template)",
@@ -81,27 +88,29 @@ def add_tool_parsers(sub) -> None:
                        formatter_class=HELP, epilog=GENERATE_EXAMPLE, allow_abbrev=False)
     _add_model_arguments(p, adapter_required=False)
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
-                   help="a user message (repeatable)")
+                   help="a user message (repeatable; default: none, then --prompts-file)")
     p.add_argument("--prompts-file", default=None, metavar="FILE",
-                   help="one prompt per line (blank lines skipped)")
-    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="(default: 64)")
+                   help="one prompt per line, blank lines skipped (default: none)")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
+                   help="most tokens generated per answer (default: 64)")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T",
                    help="sampling temperature; 0 = greedy (default: 0)")
     p.add_argument("--top-p", type=float, default=1.0, metavar="P",
                    help="nucleus sampling mass, used when --temperature > 0 (default: 1.0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--compare", action="store_true",
-                   help="print the base model's answer beside the fine-tuned one")
+                   help="print the base model's answer beside the fine-tuned one (default: off)")
     p.set_defaults(run=run_generate)
 
     p = sub.add_parser("export", help="merge the adapter into the base weights, save a HF folder",
                        description="Merge base + adapter into one standalone Hugging Face model folder.",
                        formatter_class=HELP, epilog=EXPORT_EXAMPLE, allow_abbrev=False)
     _add_model_arguments(p, adapter_required=True)
-    p.add_argument("--out", required=True, metavar="DIR", help="new folder for the merged model")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="new folder for the merged model (required; must not exist)")
     p.set_defaults(run=run_export)
 
-    p = sub.add_parser("plot", help="PNG curves of a run (loss, perplexity, clients, traffic)",
+    p = sub.add_parser("plot", help="PNG curves of a run (loss, perplexity, clients, traffic, epsilon)",
                        description="Draw a run's curves into RUN_DIR/plots/.",
                        formatter_class=HELP, epilog=PLOT_EXAMPLE, allow_abbrev=False)
     p.add_argument("run_dir", metavar="RUN_DIR", help="a fedtune run folder")
@@ -111,7 +120,7 @@ def add_tool_parsers(sub) -> None:
 def _add_model_arguments(p: argparse.ArgumentParser, *, adapter_required: bool) -> None:
     p.add_argument("--adapter", required=adapter_required, default=None, metavar="PATH",
                    help="run folder (uses its `adapter`), RUN/best, RUN/adapters/round-N, or "
-                        "any PEFT adapter folder" + ("" if adapter_required else
+                        "any PEFT adapter folder" + (" (required)" if adapter_required else
                                                      " (default: none, the base model alone)"))
     p.add_argument("--round", type=int, default=None, metavar="N",
                    help="round N of the run folder given as --adapter (default: the latest)")

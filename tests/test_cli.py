@@ -129,3 +129,17 @@ def test_printed_commands_name_fedtune_as_the_user_can_paste_it(tmp_path, monkey
     assert invoked_as() == "fedtune"
     monkeypatch.setattr(sys, "argv", [str(ROOT / "server" / "cli.py")])  # python -m server.cli
     assert invoked_as() == "fedtune"
+
+
+def test_every_flag_of_every_subcommand_shows_its_default_and_each_has_an_example():
+    from server.cli import build_parser
+
+    parser = build_parser()
+    assert "example" in parser.epilog
+    subparsers = next(a for a in parser._actions if a.dest == "command")
+    for name, sub in subparsers.choices.items():
+        assert sub.epilog and "example" in sub.epilog and f"fedtune {name}" in sub.epilog, name
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                text = action.help or ""
+                assert "default" in text or "required" in text, (name, action.option_strings)
