@@ -287,7 +287,7 @@ def print_summary(run_dir: Path, seconds: float, prompt: str = TRY_PROMPT) -> No
                     f"macro-F1 {first['eval-macro-f1']:.3f} -> {last['eval-macro-f1']:.3f}")
     lines += [
         "",
-        f"{headline} after {last['round']} rounds in {seconds:.0f} s",
+        f"{headline} after {last['round']} round{'s' * (last['round'] != 1)} in {seconds:.0f} s",
         f"run folder: {run_dir}  (global adapter: {run_dir / 'adapter'}, "
         f"best: {run_dir / 'best'} = round {best['round']})",
     ]
