@@ -313,7 +313,10 @@ def _load_run_data(dataset, data_format, categories, partitioner, partition_by,
         present = set(ds.unique(partition_by))
         unknown = [c for c in wanted if c not in present]
         if unknown:
-            raise ValueError(f"categories {unknown} are not values of column '{partition_by}'")
+            values = sorted(map(str, present))
+            shown = ", ".join(values[:8]) + (f", ... ({len(values)} values)" if len(values) > 8 else "")
+            raise ValueError(f"categories {unknown} are not values of column '{partition_by}' "
+                             f"({shown}): fix --categories, or --categories '' to keep all")
         keep = set(wanted)
         ds = ds.filter(lambda r: r[partition_by] in keep)
     ds = ds.shuffle(seed=seed)
