@@ -6,6 +6,7 @@ the process that loaded them.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import importlib.util
 import logging
@@ -129,8 +130,11 @@ def load_base_model(name: str, dtype: str = "float32", num_labels: int = 0):
     path = resolve_model_path(name)
     try:
         if num_labels:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=num_labels, dtype=_DTYPES[dtype])
+            # The head is new by design (trained, then sent with the adapter), so
+            # transformers' "classifier MISSING ... consider training" report only alarms.
+            with _transformers_errors_only():
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    path, num_labels=num_labels, dtype=_DTYPES[dtype])
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])
     except OSError as err:
@@ -139,6 +143,18 @@ def load_base_model(name: str, dtype: str = "float32", num_labels: int = 0):
             "path right? without the Hub, use a local folder or the built-in default)"
         ) from None
     return model
+
+
+@contextlib.contextmanager
+def _transformers_errors_only():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def lora_config(cfg: RunConfig):

@@ -172,3 +172,22 @@ def test_evaluate_classifier_run_defaults_to_its_heldout_split(classifier_run, c
     assert got["accuracy"] == pytest.approx(round1["eval-accuracy"])
     assert got["macro-f1"] == pytest.approx(round1["eval-macro-f1"])
     assert sum(map(sum, got["confusion-matrix"])) == got["examples"] == 10
+
+
+def test_export_of_a_classifier_keeps_its_logits_and_label_names(classifier_run, tiny_encoder_dir,
+                                                                 tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from server.cli import main
+
+    out = tmp_path / "merged"
+    assert main(["export", "--adapter", str(classifier_run.path), "--out", str(out)]) == 0
+    merged = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert merged.config.id2label == {0: "animal", 1: "food"}
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_encoder_dir, num_labels=2)
+    reference = PeftModel.from_pretrained(base, classifier_run.path / "adapter").eval()
+    ids = load_tokenizer(str(tiny_encoder_dir))(["cat dog horse", "rice apple pie"],
+                                                return_tensors="pt")
+    with torch.no_grad():
+        assert (merged(**ids).logits - reference(**ids).logits).abs().max() < 1e-5
