@@ -189,5 +189,6 @@ def test_export_of_a_classifier_keeps_its_logits_and_label_names(classifier_run,
     reference = PeftModel.from_pretrained(base, classifier_run.path / "adapter").eval()
     ids = load_tokenizer(str(tiny_encoder_dir))(["cat dog horse", "rice apple pie"],
                                                 return_tensors="pt")
-    with torch.no_grad():
-        assert (merged(**ids).logits - reference(**ids).logits).abs().max() < 1e-5
+    with torch.no_grad():  # merging rounds W + scale*B@A once in float32: ~1e-5 relative
+        torch.testing.assert_close(merged(**ids).logits, reference(**ids).logits,
+                                   rtol=1e-4, atol=1e-4)
