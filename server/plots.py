@@ -15,8 +15,9 @@ EPSILON = "epsilon"  # history column of a DP run: the privacy budget spent up t
 
 
 def plot_run(run_dir: Path) -> list[Path]:
-    """Write RUN_DIR/plots/{loss,perplexity,clients,traffic}.png, plus epsilon.png when
-    the history has an epsilon column; return their paths."""
+    """Write RUN_DIR/plots/{loss,perplexity,clients,traffic}.png (a classifier:
+    accuracy.png for perplexity.png), plus epsilon.png when the history has an epsilon
+    column; return their paths."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers, CI or Ray workers
@@ -30,7 +31,9 @@ def plot_run(run_dir: Path) -> list[Path]:
     title = run_dir.resolve().name
     paths = [
         _loss(history, out / "loss.png", title),
-        _perplexity(history, out / "perplexity.png", title),
+        # a classifier's history has accuracy and macro-F1 instead of perplexity
+        (_perplexity(history, out / "perplexity.png", title) if _series(history, "eval-perplexity")[0]
+         else _accuracy(history, out / "accuracy.png", title)),
         _clients(clients, out / "clients.png", title),
         _traffic(history, out / "traffic.png", title),
     ]
@@ -63,6 +66,14 @@ def _loss(history, path, title):
 def _perplexity(history, path, title):
     fig, ax = _figure(f"Held-out perplexity — {title}", "perplexity (response tokens)")
     ax.plot(*_series(history, "eval-perplexity"), marker="o", color="tab:green")
+    return _save(fig, path)
+
+
+def _accuracy(history, path, title):
+    fig, ax = _figure(f"Held-out accuracy — {title}", "accuracy / macro-F1")
+    ax.plot(*_series(history, "eval-accuracy"), marker="o", label="accuracy")
+    ax.plot(*_series(history, "eval-macro-f1"), marker="o", label="macro-F1")
+    ax.legend()
     return _save(fig, path)
 
 

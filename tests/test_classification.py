@@ -192,3 +192,11 @@ def test_export_of_a_classifier_keeps_its_logits_and_label_names(classifier_run,
     with torch.no_grad():  # merging rounds W + scale*B@A once in float32: ~1e-5 relative
         torch.testing.assert_close(merged(**ids).logits, reference(**ids).logits,
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_a_classifier_run_plots_accuracy_not_an_empty_perplexity(classifier_run):
+    from server.plots import plot_run
+
+    names = [p.name for p in plot_run(classifier_run.path)]
+    assert "accuracy.png" in names and "perplexity.png" not in names
+    assert (classifier_run.path / "plots" / "accuracy.png").stat().st_size > 5000
