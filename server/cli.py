@@ -133,7 +133,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         source = Path(args.run_config)
         if source.suffix == ".toml":
             if not source.exists():
-                raise FileNotFoundError(f"--run-config file '{source}' does not exist")
+                raise FileNotFoundError(f"--run-config file '{source}' does not exist: check the path")
             with open(source, "rb") as fh:
                 values.update(tomllib.load(fh))
         else:
@@ -324,7 +324,8 @@ def train_command(args: argparse.Namespace) -> int:
         raise ValueError("'resume-from' works with `fedtune simulate` and `flwr run`; "
                          "`fedtune train` always starts a new run: unset it")
     if args.partition_id is not None and not 0 <= args.partition_id < cfg.num_clients:
-        raise ValueError(f"--partition-id {args.partition_id} is outside 0..{cfg.num_clients - 1}")
+        raise ValueError(f"--partition-id {args.partition_id} is outside 0..{cfg.num_clients - 1}: "
+                         f"pick one of the {cfg.num_clients} clients, or raise --num-clients")
     started = time.perf_counter()
     run = run_centralized(cfg, partition_id=args.partition_id)
     print_summary(run.path, time.perf_counter() - started, try_prompt(cfg))

@@ -24,7 +24,8 @@ def plot_run(run_dir: Path) -> list[Path]:
     run_dir = Path(run_dir)
     history = _read_jsonl(run_dir / "history.jsonl")
     if not history:
-        raise FileNotFoundError(f"'{run_dir}' has no history.jsonl rows: is it a fedtune run folder?")
+        raise FileNotFoundError(f"'{run_dir}' has no history.jsonl rows: give a fedtune run folder "
+                                "with at least round 0 done (the one `fedtune simulate` printed)")
     clients = _read_jsonl(run_dir / "clients.jsonl")
     out = run_dir / PLOTS_DIR
     out.mkdir(exist_ok=True)

@@ -256,7 +256,7 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     if args.prompts_file:
         path = Path(args.prompts_file).expanduser()
         if not path.exists():
-            raise FileNotFoundError(f"--prompts-file '{path}' does not exist")
+            raise FileNotFoundError(f"--prompts-file '{path}' does not exist: check the path")
         prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
                     if line.strip()]
     if not prompts:
@@ -288,7 +288,8 @@ def run_plot(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run_dir).expanduser()
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"run folder '{run_dir}' does not exist")
+        raise FileNotFoundError(f"run folder '{run_dir}' does not exist: give the folder that "
+                                "`fedtune simulate` printed (runs/<stamp>)")
     for path in plot_run(run_dir):
         print(path)
     return 0

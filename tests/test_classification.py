@@ -200,3 +200,17 @@ def test_a_classifier_run_plots_accuracy_not_an_empty_perplexity(classifier_run)
     names = [p.name for p in plot_run(classifier_run.path)]
     assert "accuracy.png" in names and "perplexity.png" not in names
     assert (classifier_run.path / "plots" / "accuracy.png").stat().st_size > 5000
+
+
+def test_tools_refuse_what_a_classifier_cannot_do(classifier_run, tmp_path, capsys):
+    import shutil
+
+    from server.cli import main
+
+    assert main(["generate", "--adapter", str(classifier_run.path), "--prompt", "hi"]) == 2
+    assert "generate needs a causal-LM run; this one is a classifier" in capsys.readouterr().err
+    bare = tmp_path / "bare-adapter"  # a classifier's PEFT folder without its run folder
+    shutil.copytree(classifier_run.path / "adapters" / "round-1", bare)
+    assert main(["evaluate", "--adapter", str(bare)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a sequence classifier: give its run folder as --adapter" in err[0]
