@@ -147,10 +147,11 @@ def _evaluate_classification(model, examples, batch_size, pad_token_id) -> EvalS
     accuracy = sum(p == a for p, a in zip(predicted, actual)) / max(1, len(actual))
     return EvalStats(loss=loss_sum / max(1, len(actual)), count=len(actual), metrics={
         "accuracy": accuracy, "macro-f1": macro_f1(predicted, actual)},
-        confusion=confusion_matrix(predicted, actual, num_classes))
+        confusion=confusion_matrix(predicted, actual, num_classes=num_classes))
 
 
-def confusion_matrix(predicted: list[int], actual: list[int], num_classes: int) -> list[list[int]]:
+def confusion_matrix(predicted: list[int], actual: list[int], *,
+                     num_classes: int) -> list[list[int]]:
     """counts[true][predicted], over every class the model has (a class absent from
     the data still gets its row and column, so matrices of one run line up)."""
     counts = [[0] * num_classes for _ in range(num_classes)]

@@ -113,8 +113,8 @@ def test_confusion_matrix_matches_hand_computation():
     from common.train import confusion_matrix
 
     # (true, predicted): (0,0) (1,0) (1,1) (0,2); class 2 never true, its row stays zero
-    assert confusion_matrix([0, 0, 1, 2], [0, 1, 1, 0], 3) == [[1, 0, 1], [1, 1, 0], [0, 0, 0]]
-    assert confusion_matrix([], [], 2) == [[0, 0], [0, 0]]
+    assert confusion_matrix([0, 0, 1, 2], [0, 1, 1, 0], num_classes=3) == [[1, 0, 1], [1, 1, 0], [0, 0, 0]]
+    assert confusion_matrix([], [], num_classes=2) == [[0, 0], [0, 0]]
 
 
 @pytest.fixture()
