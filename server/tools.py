@@ -179,28 +179,14 @@ def _is_classifier_adapter(folder: Path) -> bool:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from common.data import heldout_examples, leading_examples
     from common.train import evaluate
 
     loaded = _load(args)
-    cfg, source, tokenizer = loaded.cfg, loaded.source, loaded.tokenizer
-    use_heldout = source is not None and source.run_cfg is not None and args.dataset is None
-    if use_heldout and args.eval_examples is not None:
-        raise ValueError(f"--eval-examples needs --dataset: the run's held-out split has its "
-                         f"own size ({cfg.eval_examples}); changing it would overlap training data")
-    changes = {"dataset": args.dataset, "data_format": args.data_format,
-               "eval_examples": args.eval_examples, "max_length": args.max_length,
-               "eval_batch_size": args.batch_size}
-    cfg = cfg.replace(**{k: v for k, v in changes.items() if v is not None})
-    if use_heldout:
-        examples, data = heldout_examples(cfg, cfg.num_clients, tokenizer), "the run's held-out split"
-    else:
-        examples = leading_examples(cfg, tokenizer, labels=loaded.labels)
-        data = f"first records of '{cfg.dataset}'"
+    cfg, examples, data = _evaluation_data(args, loaded)
     stats = evaluate(loaded.model, examples, batch_size=cfg.eval_batch_size,
-                     pad_token_id=tokenizer.pad_token_id)
-    classify = cfg.task == "classification"
-    result = {"adapter": str(source.path) if source else None, "model": cfg.model,
+                     pad_token_id=loaded.tokenizer.pad_token_id)
+    classify = loaded.labels is not None
+    result = {"adapter": str(loaded.source.path) if loaded.source else None, "model": cfg.model,
               "data": data, "examples": len(examples),
               **({} if classify else {"tokens": stats.count}), **stats.row(prefix="")}
     if classify:  # rows: true label, columns: predicted label, in the order of "labels"
@@ -214,6 +200,26 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if classify:
         print("\n".join(format_confusion(loaded.labels, stats.confusion)))
     return 0
+
+
+def _evaluation_data(args: argparse.Namespace, loaded: Loaded):
+    """(config, tokenized examples, description): the run's held-out split when the
+    adapter comes from a run folder and no --dataset is given, else a file's first records."""
+    from common.data import heldout_examples, leading_examples
+
+    cfg, source = loaded.cfg, loaded.source
+    use_heldout = source is not None and source.run_cfg is not None and args.dataset is None
+    if use_heldout and args.eval_examples is not None:
+        raise ValueError(f"--eval-examples needs --dataset: the run's held-out split has its "
+                         f"own size ({cfg.eval_examples}); changing it would overlap training data")
+    changes = {"dataset": args.dataset, "data_format": args.data_format,
+               "eval_examples": args.eval_examples, "max_length": args.max_length,
+               "eval_batch_size": args.batch_size}
+    cfg = cfg.replace(**{k: v for k, v in changes.items() if v is not None})
+    if use_heldout:
+        return cfg, heldout_examples(cfg, cfg.num_clients, loaded.tokenizer), "the run's held-out split"
+    return (cfg, leading_examples(cfg, loaded.tokenizer, labels=loaded.labels),
+            f"first records of '{cfg.dataset}'")
 
 
 def format_confusion(labels: list[str], matrix: list[list[int]]) -> list[str]:
