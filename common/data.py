@@ -99,7 +99,8 @@ def load_dataset_any(source: str):
         return datasets.load_dataset(source, split="train")
     except Exception as err:  # the Hub raises many types; the message is what matters
         raise ValueError(
-            f"cannot load dataset '{source}' from the Hub: {str(err).splitlines()[0]}"
+            f"cannot load dataset '{source}' from the Hub: {str(err).splitlines()[0]}; check "
+            "the name, or without the Hub give a file or a datasets.save_to_disk folder"
         ) from None
 
 
@@ -312,7 +313,10 @@ def _load_run_data(dataset, data_format, categories, partitioner, partition_by,
         present = set(ds.unique(partition_by))
         unknown = [c for c in wanted if c not in present]
         if unknown:
-            raise ValueError(f"categories {unknown} are not values of column '{partition_by}'")
+            values = sorted(map(str, present))
+            shown = ", ".join(values[:8]) + (f", ... ({len(values)} values)" if len(values) > 8 else "")
+            raise ValueError(f"categories {unknown} are not values of column '{partition_by}' "
+                             f"({shown}): fix --categories, or --categories '' to keep all")
         keep = set(wanted)
         ds = ds.filter(lambda r: r[partition_by] in keep)
     ds = ds.shuffle(seed=seed)
@@ -480,12 +484,16 @@ def _tokenize(cfg: RunConfig, data: RunData, ds, tokenizer) -> list[dict]:
     return tokenize_dataset(ds, data.fmt, tokenizer, cfg.max_length)
 
 
-def leading_examples(cfg: RunConfig, tokenizer) -> list[dict]:
+def leading_examples(cfg: RunConfig, tokenizer, *, labels: list[str] | None = None) -> list[dict]:
     """The first ``eval-examples`` records of ``cfg.dataset`` in file order, tokenized:
-    what ``fedtune evaluate`` scores when no run's held-out split applies."""
+    what ``fedtune evaluate`` scores when no run's held-out split applies.
+    Classification needs the run's ``labels``, so that ids mean what they meant in training."""
     ds = load_dataset_any(cfg.dataset)
-    fmt = detect_format(ds.column_names, cfg.data_format, cfg.dataset)
     ds = ds.select(range(min(cfg.eval_examples, len(ds))))
+    if cfg.task == "classification":
+        fmt = classification_format(ds.column_names, cfg.text_column, cfg.label_column, cfg.dataset)
+        return tokenize_classification(ds, fmt, labels, tokenizer, cfg.max_length)
+    fmt = detect_format(ds.column_names, cfg.data_format, cfg.dataset)
     return tokenize_dataset(ds, fmt, tokenizer, cfg.max_length)
 
 

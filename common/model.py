@@ -6,6 +6,7 @@ the process that loaded them.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import importlib.util
 import logging
@@ -113,7 +114,8 @@ def load_tokenizer(name: str):
             tok = AutoTokenizer.from_pretrained(path)
         except OSError as err:
             raise FileNotFoundError(
-                f"cannot load tokenizer for model '{name}': {str(err).splitlines()[0]}"
+                f"cannot load tokenizer for model '{name}': {str(err).splitlines()[0]} (is the "
+                "name or path right? without the Hub, use a local folder or the built-in default)"
             ) from None
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
@@ -128,8 +130,11 @@ def load_base_model(name: str, dtype: str = "float32", num_labels: int = 0):
     path = resolve_model_path(name)
     try:
         if num_labels:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=num_labels, dtype=_DTYPES[dtype])
+            # The head is new by design (trained, then sent with the adapter), so
+            # transformers' "classifier MISSING ... consider training" report only alarms.
+            with _transformers_errors_only():
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    path, num_labels=num_labels, dtype=_DTYPES[dtype])
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])
     except OSError as err:
@@ -138,6 +143,18 @@ def load_base_model(name: str, dtype: str = "float32", num_labels: int = 0):
             "path right? without the Hub, use a local folder or the built-in default)"
         ) from None
     return model
+
+
+@contextlib.contextmanager
+def _transformers_errors_only():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def lora_config(cfg: RunConfig):
@@ -274,3 +291,22 @@ def load_teacher(cfg: RunConfig):
     teacher.requires_grad_(False)
     _TEACHERS[key] = teacher
     return teacher
+
+
+def check_target_modules(cfg: RunConfig) -> None:
+    """Refuse LoRA target names the model lacks, before any process loads weights:
+    the model is built on the meta device from its config alone (no memory, no I/O)."""
+    if cfg.lora_target_modules == "all-linear":
+        return
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForSequenceClassification if cfg.task == "classification" else AutoModelForCausalLM
+    with torch.device("meta"):
+        model = auto.from_config(AutoConfig.from_pretrained(resolve_model_path(cfg.model)))
+    linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                     if isinstance(module, torch.nn.Linear)})
+    missing = [name for name in cfg.target_module_list if name not in linear]
+    if missing:
+        raise ValueError(
+            f"config 'lora-target-modules': {', '.join(missing)} not in model '{cfg.model}'; "
+            f"its linear layers are {', '.join(linear)} (or use 'all-linear')")

@@ -35,6 +35,9 @@ class EvalStats:
     loss: float
     metrics: dict[str, float]
     count: int  # response tokens (causal LM) or examples (classification)
+    # classification only: confusion[true][predicted] counts. Kept out of ``metrics``,
+    # which holds scalars only (it becomes a Flower MetricRecord and a history row).
+    confusion: list[list[int]] | None = None
 
     @property
     def perplexity(self) -> float:
@@ -155,16 +158,28 @@ def _evaluate_causal_lm(model, examples, batch_size, pad_token_id) -> EvalStats:
 
 
 def _evaluate_classification(model, examples, batch_size, pad_token_id) -> EvalStats:
-    loss_sum, predicted, actual = 0.0, [], []
+    loss_sum, predicted, actual, num_classes = 0.0, [], [], 0
     for batch in batches_once(examples, batch_size, pad_token_id):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss_sum += float(torch.nn.functional.cross_entropy(
             logits.float(), batch["labels"], reduction="sum"))
         predicted += logits.argmax(-1).tolist()
         actual += batch["labels"].tolist()
+        num_classes = logits.shape[-1]
     accuracy = sum(p == a for p, a in zip(predicted, actual)) / max(1, len(actual))
     return EvalStats(loss=loss_sum / max(1, len(actual)), count=len(actual), metrics={
-        "accuracy": accuracy, "macro-f1": macro_f1(predicted, actual)})
+        "accuracy": accuracy, "macro-f1": macro_f1(predicted, actual)},
+        confusion=confusion_matrix(predicted, actual, num_classes=num_classes))
+
+
+def confusion_matrix(predicted: list[int], actual: list[int], *,
+                     num_classes: int) -> list[list[int]]:
+    """counts[true][predicted], over every class the model has (a class absent from
+    the data still gets its row and column, so matrices of one run line up)."""
+    counts = [[0] * num_classes for _ in range(num_classes)]
+    for p, a in zip(predicted, actual):
+        counts[a][p] += 1
+    return counts
 
 
 def macro_f1(predicted: list[int], actual: list[int]) -> float:

@@ -17,6 +17,8 @@ import difflib
 import json
 import math
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -77,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(sim)
     sim.add_argument("--resume", dest="resume-from", default=None, metavar="RUN_DIR",
                      help="continue this run folder after its last completed round, with its "
-                          "config; flags given here override it (same as --resume-from)")
+                          "config; flags given here override it (same as --resume-from; "
+                          "default: none, a new run)")
     train = sub.add_parser(
         "train", help="the same trainer without Flower: centralized or local-only baseline",
         allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -96,11 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example:\n  fedtune personalize runs/20261126-145844 --k-steps 5\n",
         description="Each client fine-tunes the run's global adapter for k steps on a "
                     "support split of its data; prints its query loss before and after.")
-    pers.add_argument("run_dir", help="a run folder (its config.json and adapter are used)")
-    pers.add_argument("--k-steps", type=int, default=5, help="adaptation steps (default: 5)")
-    pers.add_argument("--support-examples", type=int, default=16,
+    pers.add_argument("run_dir", metavar="RUN_DIR",
+                      help="a run folder (its config.json and adapter are used)")
+    pers.add_argument("--k-steps", type=int, default=5, metavar="N",
+                      help="adaptation steps (default: 5)")
+    pers.add_argument("--support-examples", type=int, default=16, metavar="N",
                       help="support split size per client (default: 16)")
-    pers.add_argument("--query-examples", type=int, default=32,
+    pers.add_argument("--query-examples", type=int, default=32, metavar="N",
                       help="query split size per client (default: 32)")
     pers.set_defaults(run=personalize_command)
     add_tool_parsers(sub)
@@ -110,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--run-config", metavar="'k=v ...' | FILE.toml", default="",
-        help="settings as Flower's --run-config string or a TOML file; --key flags win")
+        help="settings as Flower's --run-config string or a TOML file; --key flags win "
+             "(default: none)")
     for key, default, help_text in config_fields():
         # A bool may be given bare (--tensorboard) or with a value (--tensorboard false).
         flag = dict(nargs="?", const="true") if isinstance(default, bool) else {}
@@ -127,7 +133,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         source = Path(args.run_config)
         if source.suffix == ".toml":
             if not source.exists():
-                raise FileNotFoundError(f"--run-config file '{source}' does not exist")
+                raise FileNotFoundError(f"--run-config file '{source}' does not exist: check the path")
             with open(source, "rb") as fh:
                 values.update(tomllib.load(fh))
         else:
@@ -154,13 +160,15 @@ def preflight(cfg: RunConfig) -> RunConfig:
     """Fail fast, in this process, on what would otherwise fail inside every client:
     bad model path, bad dataset, impossible partitioning. Also converts the built-in
     model once, before clients start (so they never race to do it)."""
-    from common.data import load_run_data
-    from common.model import load_tokenizer, resolve_model_path
+    from common.data import heldout_examples, load_run_data
+    from common.model import check_target_modules, load_tokenizer, resolve_model_path
 
     resolve_model_path(cfg.model)
-    load_tokenizer(cfg.model)
-    data = load_run_data(cfg, cfg.num_clients)
-    check_privacy_plan(cfg, data)
+    check_target_modules(cfg)
+    # Tokenizing the held-out split also loads and partitions the data, and catches a
+    # tokenizer without a chat template or a bad record here, once, not in every client.
+    heldout_examples(cfg, cfg.num_clients, load_tokenizer(cfg.model))
+    check_privacy_plan(cfg, load_run_data(cfg, cfg.num_clients))  # cached: no second load
     if cfg.resume_from:
         from server.checkpoints import RunFolder, check_resumable
 
@@ -218,7 +226,7 @@ def plot_after_run(run_dir: Path) -> None:
         print(f"plots: {paths[0].parent}/ ({', '.join(p.name for p in paths)})")
     except Exception as err:  # noqa: BLE001 - any failure here must not fail the run
         print(f"fedtune: warning: plotting failed ({type(err).__name__}: {err}); "
-              f"retry with `fedtune plot {run_dir}`", file=sys.stderr)
+              f"retry with `{invoked_as()} plot {run_dir}`", file=sys.stderr)
 
 
 def try_prompt(cfg: RunConfig) -> str:
@@ -294,14 +302,28 @@ def print_summary(run_dir: Path, seconds: float, prompt: str = TRY_PROMPT) -> No
                     f"macro-F1 {first['eval-macro-f1']:.3f} -> {last['eval-macro-f1']:.3f}")
     lines += [
         "",
-        f"{headline} after {last['round']} rounds in {seconds:.0f} s",
+        f"{headline} after {last['round']} round{'s' * (last['round'] != 1)} in {seconds:.0f} s",
         f"run folder: {run_dir}  (global adapter: {run_dir / 'adapter'}, "
         f"best: {run_dir / 'best'} = round {best['round']})",
     ]
     if lm:
-        lines.append(f"try it: fedtune generate --adapter {run_dir} --prompt {_double_quoted(prompt)}")
+        lines.append(f"try it: {invoked_as()} generate --adapter {run_dir} "
+                     f"--prompt {_double_quoted(prompt)}")
     for line in lines:
         run.log(line)
+
+
+def invoked_as() -> str:
+    """`fedtune` as the user can paste it into the same shell: the path they typed when
+    `fedtune` alone would not run it (README's `.venv/bin/fedtune simulate`, venv not
+    activated), else `fedtune` (also under `python -m server.cli`)."""
+    typed = sys.argv[0] if sys.argv else ""
+    if Path(typed).name != "fedtune":
+        return "fedtune"
+    on_path = shutil.which("fedtune")
+    if on_path and Path(on_path).resolve() == Path(typed).resolve():
+        return "fedtune"
+    return shlex.quote(typed)
 
 
 def _double_quoted(text: str) -> str:
@@ -317,7 +339,8 @@ def train_command(args: argparse.Namespace) -> int:
         raise ValueError("'resume-from' works with `fedtune simulate` and `flwr run`; "
                          "`fedtune train` always starts a new run: unset it")
     if args.partition_id is not None and not 0 <= args.partition_id < cfg.num_clients:
-        raise ValueError(f"--partition-id {args.partition_id} is outside 0..{cfg.num_clients - 1}")
+        raise ValueError(f"--partition-id {args.partition_id} is outside 0..{cfg.num_clients - 1}: "
+                         f"pick one of the {cfg.num_clients} clients, or raise --num-clients")
     if cfg.client_dp != "off":
         raise ValueError("'client-dp' protects clients of a federation; `fedtune train` has "
                          "one party: use --dp-sgd for DP training on the pooled data")

@@ -11,27 +11,37 @@ from pathlib import Path
 from server.tracking import client_label
 
 PLOTS_DIR = "plots"
+EPSILON = "epsilon"  # history column of a DP run: the privacy budget spent up to that round
+CLIENT_EPSILON = "client-epsilon"  # client-level DP (server/privacy.py)
 
 
 def plot_run(run_dir: Path) -> list[Path]:
-    """Write RUN_DIR/plots/{loss,perplexity,clients,traffic}.png; return their paths."""
+    """Write RUN_DIR/plots/{loss,perplexity,clients,traffic}.png (a classifier:
+    accuracy.png for perplexity.png), plus epsilon.png when the history has an epsilon
+    column; return their paths."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers, CI or Ray workers
     run_dir = Path(run_dir)
     history = _read_jsonl(run_dir / "history.jsonl")
     if not history:
-        raise FileNotFoundError(f"'{run_dir}' has no history.jsonl rows: is it a fedtune run folder?")
+        raise FileNotFoundError(f"'{run_dir}' has no history.jsonl rows: give a fedtune run folder "
+                                "with at least round 0 done (the one `fedtune simulate` printed)")
     clients = _read_jsonl(run_dir / "clients.jsonl")
     out = run_dir / PLOTS_DIR
     out.mkdir(exist_ok=True)
     title = run_dir.resolve().name
-    return [
+    paths = [
         _loss(history, out / "loss.png", title),
-        _perplexity(history, out / "perplexity.png", title),
+        # a classifier's history has accuracy and macro-F1 instead of perplexity
+        (_perplexity(history, out / "perplexity.png", title) if _series(history, "eval-perplexity")[0]
+         else _accuracy(history, out / "accuracy.png", title)),
         _clients(clients, out / "clients.png", title),
         _traffic(history, out / "traffic.png", title),
     ]
+    if _series(history, EPSILON)[0] or _series(history, CLIENT_EPSILON)[0]:  # DP runs only
+        paths.append(_epsilon(history, out / "epsilon.png", title))
+    return paths
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -61,6 +71,14 @@ def _perplexity(history, path, title):
     return _save(fig, path)
 
 
+def _accuracy(history, path, title):
+    fig, ax = _figure(f"Held-out accuracy — {title}", "accuracy / macro-F1")
+    ax.plot(*_series(history, "eval-accuracy"), marker="o", label="accuracy")
+    ax.plot(*_series(history, "eval-macro-f1"), marker="o", label="macro-F1")
+    ax.legend()
+    return _save(fig, path)
+
+
 def _clients(clients, path, title):
     fig, ax = _figure(f"Train loss per client — {title}", "local train loss")
     for label in sorted({client_label(c) for c in clients}):
@@ -80,6 +98,16 @@ def _traffic(history, path, title):
             total += row.get(key, 0) / 1e6
             cumulative.append(total)
         ax.plot(rounds, cumulative, marker="o", label=label)
+    ax.legend()
+    return _save(fig, path)
+
+
+def _epsilon(history, path, title):
+    fig, ax = _figure(f"Privacy budget spent — {title}", "epsilon spent since round 1 (cumulative)")
+    for key, label, color in ((EPSILON, "sample-level (DP-SGD, largest client)", "tab:red"),
+                              (CLIENT_EPSILON, "client-level", "tab:purple")):
+        if _series(history, key)[0]:
+            ax.plot(*_series(history, key), marker="o", color=color, label=label)
     ax.legend()
     return _save(fig, path)
 

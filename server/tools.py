@@ -12,18 +12,23 @@ import argparse
 import json
 import os
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from common.config import BUILTIN_DATASET, BUILTIN_MODEL, DTYPES, RunConfig
+from common.config import BUILTIN_CLASSIFIER, BUILTIN_DATASET, BUILTIN_MODEL, DTYPES, RunConfig
 
 TRY_PROMPT = "Define the word 'otter' (noun)."
 HELP = argparse.RawDescriptionHelpFormatter
+if TYPE_CHECKING:  # the tools import torch and peft lazily: `fedtune --help` stays fast
+    from common.adapters import AdapterSource
 
 EVALUATE_EXAMPLE = f"""examples:
   fedtune evaluate --adapter runs/20261126-145844            # latest round, the run's held-out split
   fedtune evaluate --adapter runs/20261126-145844 --round 1
   fedtune evaluate --adapter runs/20261126-145844/best --dataset my_eval.jsonl --eval-examples 200
   fedtune evaluate                                           # the base model alone ({BUILTIN_MODEL})
+  fedtune evaluate --adapter runs/my-classifier --json       # classifier: accuracy, macro-F1, confusion matrix
 
 defaults: --model is the run's model (else {BUILTIN_MODEL}); with a run folder and no
 --dataset, the run's held-out split; else the first --eval-examples (96) records of
@@ -49,13 +54,17 @@ defaults: --model is the run's model (else {BUILTIN_MODEL}); --dtype the run's (
 PLOT_EXAMPLE = """examples:
   fedtune plot runs/20261126-145844       # writes runs/20261126-145844/plots/*.png
 
-`fedtune simulate` runs this at the end of every run.
+Writes loss.png, perplexity.png, clients.png and traffic.png, and epsilon.png when the
+run's history has an epsilon column (differential privacy).
+`fedtune simulate` and `fedtune train` run this at the end of every run.
 """
 
 
 def add_tool_parsers(sub) -> None:
-    p = sub.add_parser("evaluate", help="loss, perplexity and token accuracy of base + adapter",
-                       description="Evaluate a base model plus adapter on a dataset.",
+    p = sub.add_parser("evaluate", help="held-out metrics of base + adapter (causal LM or classifier)",
+                       description="Evaluate a base model plus adapter on a dataset. Causal LM: "
+                                   "loss, perplexity, token accuracy over response tokens. "
+                                   "Classification: loss, accuracy, macro-F1 and the confusion matrix.",
                        formatter_class=HELP, epilog=EVALUATE_EXAMPLE, allow_abbrev=False)
     _add_model_arguments(p, adapter_required=False)
     p.add_argument("--dataset", default=None, metavar="SOURCE",
@@ -69,7 +78,9 @@ def add_tool_parsers(sub) -> None:
                    help="token cap per example (default: the run's, else 96)")
     p.add_argument("--batch-size", type=int, default=None, metavar="N",
                    help="evaluation batch size (default: the run's eval-batch-size, else 16)")
-    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    p.add_argument("--json", action="store_true",
+                   help="print the metrics (and a classifier's labels and confusion matrix) as "
+                        "one JSON object (default: off, a readable summary)")
     p.set_defaults(run=run_evaluate)
 
     p = sub.add_parser("generate", help="answer prompts with base + adapter (chat template)",
@@ -77,27 +88,29 @@ def add_tool_parsers(sub) -> None:
                        formatter_class=HELP, epilog=GENERATE_EXAMPLE, allow_abbrev=False)
     _add_model_arguments(p, adapter_required=False)
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
-                   help="a user message (repeatable)")
+                   help="a user message (repeatable; default: none, then --prompts-file)")
     p.add_argument("--prompts-file", default=None, metavar="FILE",
-                   help="one prompt per line (blank lines skipped)")
-    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="(default: 64)")
+                   help="one prompt per line, blank lines skipped (default: none)")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
+                   help="most tokens generated per answer (default: 64)")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T",
                    help="sampling temperature; 0 = greedy (default: 0)")
     p.add_argument("--top-p", type=float, default=1.0, metavar="P",
                    help="nucleus sampling mass, used when --temperature > 0 (default: 1.0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--compare", action="store_true",
-                   help="print the base model's answer beside the fine-tuned one")
+                   help="print the base model's answer beside the fine-tuned one (default: off)")
     p.set_defaults(run=run_generate)
 
     p = sub.add_parser("export", help="merge the adapter into the base weights, save a HF folder",
                        description="Merge base + adapter into one standalone Hugging Face model folder.",
                        formatter_class=HELP, epilog=EXPORT_EXAMPLE, allow_abbrev=False)
     _add_model_arguments(p, adapter_required=True)
-    p.add_argument("--out", required=True, metavar="DIR", help="new folder for the merged model")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="new folder for the merged model (required; must not exist)")
     p.set_defaults(run=run_export)
 
-    p = sub.add_parser("plot", help="PNG curves of a run (loss, perplexity, clients, traffic)",
+    p = sub.add_parser("plot", help="PNG curves of a run (loss, perplexity, clients, traffic, epsilon)",
                        description="Draw a run's curves into RUN_DIR/plots/.",
                        formatter_class=HELP, epilog=PLOT_EXAMPLE, allow_abbrev=False)
     p.add_argument("run_dir", metavar="RUN_DIR", help="a fedtune run folder")
@@ -107,7 +120,7 @@ def add_tool_parsers(sub) -> None:
 def _add_model_arguments(p: argparse.ArgumentParser, *, adapter_required: bool) -> None:
     p.add_argument("--adapter", required=adapter_required, default=None, metavar="PATH",
                    help="run folder (uses its `adapter`), RUN/best, RUN/adapters/round-N, or "
-                        "any PEFT adapter folder" + ("" if adapter_required else
+                        "any PEFT adapter folder" + (" (required)" if adapter_required else
                                                      " (default: none, the base model alone)"))
     p.add_argument("--round", type=int, default=None, metavar="N",
                    help="round N of the run folder given as --adapter (default: the latest)")
@@ -117,9 +130,18 @@ def _add_model_arguments(p: argparse.ArgumentParser, *, adapter_required: bool) 
                    help="base weight dtype (default: the run's, else float32)")
 
 
-def _load(args: argparse.Namespace):
-    """(model, tokenizer, config, adapter source): the run's config when the adapter
-    comes from a run folder, so its model, dtype and max-length are the defaults."""
+@dataclass(frozen=True)
+class Loaded:
+    model: object
+    tokenizer: object
+    cfg: RunConfig                # the run's config (or the defaults), --model/--dtype applied
+    source: AdapterSource | None
+    labels: list[str] | None      # classification: the run's label names, by class id
+
+
+def _load(args: argparse.Namespace) -> Loaded:
+    """Base model + adapter, with the run's config when the adapter comes from a run
+    folder, so its task, model, dtype and max-length are the defaults."""
     from common.adapters import attach_adapter, find_adapter
     from common.model import load_base_model, load_tokenizer
     from common.runtime import setup_process
@@ -127,22 +149,65 @@ def _load(args: argparse.Namespace):
     if args.round is not None and not args.adapter:
         raise ValueError("--round needs --adapter RUN_DIR")
     source = find_adapter(args.adapter, round_num=args.round) if args.adapter else None
+    if source and source.run_cfg is None and _is_classifier_adapter(source.path):
+        raise ValueError(f"adapter '{source.path}' is a sequence classifier: give its run "
+                         "folder as --adapter, whose data defines the labels")
     cfg = source.run_cfg if source and source.run_cfg else RunConfig()
     cfg = cfg.replace(model=args.model or cfg.model, dtype=args.dtype or cfg.dtype)
-    if cfg.model == BUILTIN_MODEL or Path(cfg.model).expanduser().exists():
+    if cfg.model in (BUILTIN_MODEL, BUILTIN_CLASSIFIER) or Path(cfg.model).expanduser().exists():
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local model: never wait on the Hub
     setup_process(os.cpu_count() or 1)
+    labels = None
+    if cfg.task == "classification":
+        from common.data import class_labels
+
+        labels = class_labels(cfg)  # as in training: sorted labels of the run's training pool
     tokenizer = load_tokenizer(cfg.model)
-    base = load_base_model(cfg.model, cfg.dtype)
+    base = load_base_model(cfg.model, cfg.dtype, num_labels=len(labels or ()))
+    if labels:  # named classes in an exported config.json, not LABEL_0, LABEL_1, ...
+        base.config.id2label = dict(enumerate(labels))
+        base.config.label2id = {label: i for i, label in enumerate(labels)}
     model = attach_adapter(base, source.path, model_name=cfg.model) if source else base
-    return model, tokenizer, cfg, source
+    return Loaded(model, tokenizer, cfg, source, labels)
+
+
+def _is_classifier_adapter(folder: Path) -> bool:
+    try:
+        return json.loads((folder / "adapter_config.json").read_text()).get("task_type") == "SEQ_CLS"
+    except (OSError, ValueError):
+        return False  # attach_adapter reports an unreadable config with its own message
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from common.data import heldout_examples, leading_examples
     from common.train import evaluate
 
-    model, tokenizer, cfg, source = _load(args)
+    loaded = _load(args)
+    cfg, examples, data = _evaluation_data(args, loaded)
+    stats = evaluate(loaded.model, examples, batch_size=cfg.eval_batch_size,
+                     pad_token_id=loaded.tokenizer.pad_token_id)
+    classify = loaded.labels is not None
+    result = {"adapter": str(loaded.source.path) if loaded.source else None, "model": cfg.model,
+              "data": data, "examples": len(examples),
+              **({} if classify else {"tokens": stats.count}), **stats.row(prefix="")}
+    if classify:  # rows: true label, columns: predicted label, in the order of "labels"
+        result.update({"labels": loaded.labels, "confusion-matrix": stats.confusion})
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{result['adapter'] or 'base model'} on {data}: {len(examples)} examples"
+          + ("" if classify else f", {stats.count} response tokens"))
+    print(" | ".join(f"{k} {v:.4f}" for k, v in stats.row(prefix="").items()))
+    if classify:
+        print("\n".join(format_confusion(loaded.labels, stats.confusion)))
+    return 0
+
+
+def _evaluation_data(args: argparse.Namespace, loaded: Loaded):
+    """(config, tokenized examples, description): the run's held-out split when the
+    adapter comes from a run folder and no --dataset is given, else a file's first records."""
+    from common.data import heldout_examples, leading_examples
+
+    cfg, source = loaded.cfg, loaded.source
     use_heldout = source is not None and source.run_cfg is not None and args.dataset is None
     if use_heldout and args.eval_examples is not None:
         raise ValueError(f"--eval-examples needs --dataset: the run's held-out split has its "
@@ -152,22 +217,19 @@ def run_evaluate(args: argparse.Namespace) -> int:
                "eval_batch_size": args.batch_size}
     cfg = cfg.replace(**{k: v for k, v in changes.items() if v is not None})
     if use_heldout:
-        examples, data = heldout_examples(cfg, cfg.num_clients, tokenizer), "the run's held-out split"
-    else:
-        examples, data = leading_examples(cfg, tokenizer), f"first records of '{cfg.dataset}'"
-    stats = evaluate(model, examples, batch_size=cfg.eval_batch_size,
-                     pad_token_id=tokenizer.pad_token_id)
-    classify = cfg.task == "classification"
-    result = {"adapter": str(source.path) if source else None, "model": cfg.model,
-              "data": data, "examples": len(examples),
-              **({} if classify else {"tokens": stats.count}), **stats.row(prefix="")}
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"{result['adapter'] or 'base model'} on {data}: {len(examples)} examples"
-              + ("" if classify else f", {stats.count} response tokens"))
-        print(" | ".join(f"{k} {v:.4f}" for k, v in stats.row(prefix="").items()))
-    return 0
+        return cfg, heldout_examples(cfg, cfg.num_clients, loaded.tokenizer), "the run's held-out split"
+    return (cfg, leading_examples(cfg, loaded.tokenizer, labels=loaded.labels),
+            f"first records of '{cfg.dataset}'")
+
+
+def format_confusion(labels: list[str], matrix: list[list[int]]) -> list[str]:
+    """The matrix as a table: one row per true label, one column per predicted label."""
+    width = max(len(label) for label in labels + [str(max(map(max, matrix)))])
+    lines = ["confusion matrix (rows: true label, columns: predicted label):",
+             " " * width + " " + " ".join(f"{label:>{width}}" for label in labels)]
+    for label, row in zip(labels, matrix):
+        lines.append(f"{label:<{width}} " + " ".join(f"{n:>{width}}" for n in row))
+    return lines
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -178,7 +240,11 @@ def run_generate(args: argparse.Namespace) -> int:
         raise ValueError("--compare needs --adapter: it prints base and fine-tuned answers")
     sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_p=args.top_p, seed=args.seed)
-    model, tokenizer, _, _ = _load(args)
+    loaded = _load(args)
+    if loaded.labels is not None:
+        raise ValueError("generate needs a causal-LM run; this one is a classifier: "
+                         "use `fedtune evaluate` for its accuracy and confusion matrix")
+    model, tokenizer = loaded.model, loaded.tokenizer
     for prompt in prompts:
         print(f"> {prompt}")
         if args.compare:
@@ -196,7 +262,7 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     if args.prompts_file:
         path = Path(args.prompts_file).expanduser()
         if not path.exists():
-            raise FileNotFoundError(f"--prompts-file '{path}' does not exist")
+            raise FileNotFoundError(f"--prompts-file '{path}' does not exist: check the path")
         prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
                     if line.strip()]
     if not prompts:
@@ -215,10 +281,11 @@ def run_export(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser()
     if out.exists():  # before loading the model: fail in a second, not a minute
         raise FileExistsError(f"export folder '{out}' already exists: choose another --out")
-    model, tokenizer, _, _ = _load(args)
-    export_merged(model, tokenizer, out)
-    print(f"merged model saved to {out}; load it with "
-          f"AutoModelForCausalLM.from_pretrained('{out}') (no peft needed)")
+    loaded = _load(args)
+    export_merged(loaded.model, loaded.tokenizer, out)
+    auto = "AutoModelForSequenceClassification" if loaded.labels else "AutoModelForCausalLM"
+    print(f"merged model saved to {out}; load it with {auto}.from_pretrained('{out}') "
+          "(no peft needed)")
     return 0
 
 
@@ -227,7 +294,8 @@ def run_plot(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run_dir).expanduser()
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"run folder '{run_dir}' does not exist")
+        raise FileNotFoundError(f"run folder '{run_dir}' does not exist: give the folder that "
+                                "`fedtune simulate` printed (runs/<stamp>)")
     for path in plot_run(run_dir):
         print(path)
     return 0

@@ -15,6 +15,8 @@ TAGS = {
     "bytes-sent": "traffic/MB_sent",
     "bytes-received": "traffic/MB_received",
     "mb-total": "traffic/MB_total",
+    "epsilon": "privacy/epsilon",
+    "client-epsilon": "privacy/client_epsilon",
 }
 CLIENT_TAG = "client_train_loss/{client}"  # client: see client_label
 

@@ -107,3 +107,110 @@ def test_bad_classification_data_is_refused(tiny_encoder_dir, labelled_dataset, 
         heldout_examples(cfg, 2, load_tokenizer(cfg.model))
     with pytest.raises(ValueError, match="'distill-teacher' works with task 'causal-lm' only"):
         _cfg(tiny_encoder_dir, labelled_dataset, tmp_path, distill_teacher="base")
+
+
+def test_confusion_matrix_matches_hand_computation():
+    from common.train import confusion_matrix
+
+    # (true, predicted): (0,0) (1,0) (1,1) (0,2); class 2 never true, its row stays zero
+    assert confusion_matrix([0, 0, 1, 2], [0, 1, 1, 0], num_classes=3) == [[1, 0, 1], [1, 1, 0], [0, 0, 0]]
+    assert confusion_matrix([], [], num_classes=2) == [[0, 0], [0, 0]]
+
+
+@pytest.fixture()
+def classifier_run(tiny_encoder_dir, labelled_dataset, tmp_path):
+    """A 1-round classification run folder whose adapter (LoRA + head) is random, not zero."""
+    from tests.test_tools import run_rounds, scaled_adapter
+
+    cfg = _cfg(tiny_encoder_dir, labelled_dataset, tmp_path)
+    return run_rounds(cfg, [scaled_adapter(get_model(cfg), 1, 0.5)])
+
+
+def test_evaluate_confusion_matrix_matches_a_hand_computation(classifier_run, tiny_encoder_dir,
+                                                              tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from server.cli import main
+
+    rows = [{"text": t, "category": c} for t, c in [
+        ("cat dog horse", "animal"), ("bread cheese soup", "food"), ("bird fish cow", "animal"),
+        ("rice apple pie", "food"), ("cow soup", "food"), ("horse bread", "animal")]]
+    data = tmp_path / "six.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["evaluate", "--adapter", str(classifier_run.path), "--dataset", str(data),
+            "--eval-examples", "6", "--batch-size", "4"]
+    assert main([*args, "--json"]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    tokenizer = load_tokenizer(str(tiny_encoder_dir))
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_encoder_dir, num_labels=2)
+    model = PeftModel.from_pretrained(base, classifier_run.path / "adapter").eval()
+    ids = {"animal": 0, "food": 1}  # the run's labels, sorted
+    want = [[0, 0], [0, 0]]
+    for row in rows:  # one unpadded text at a time
+        with torch.no_grad():
+            logits = model(**tokenizer(row["text"], return_tensors="pt")).logits[0]
+        want[ids[row["category"]]][int(logits.argmax())] += 1
+    assert got["labels"] == ["animal", "food"] and got["confusion-matrix"] == want
+    assert got["accuracy"] == pytest.approx((want[0][0] + want[1][1]) / 6)
+
+    assert main(args) == 0  # the table a person reads: label names on rows and columns
+    out = capsys.readouterr().out.splitlines()
+    table = out[out.index("confusion matrix (rows: true label, columns: predicted label):") + 1:]
+    assert table[0].split() == ["animal", "food"]
+    assert table[1].split() == ["animal", *map(str, want[0])]
+    assert table[2].split() == ["food", *map(str, want[1])]
+
+
+def test_evaluate_classifier_run_defaults_to_its_heldout_split(classifier_run, capsys):
+    from server.cli import main
+
+    assert main(["evaluate", "--adapter", str(classifier_run.path), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    round1 = classifier_run.history()[1]
+    assert got["accuracy"] == pytest.approx(round1["eval-accuracy"])
+    assert got["macro-f1"] == pytest.approx(round1["eval-macro-f1"])
+    assert sum(map(sum, got["confusion-matrix"])) == got["examples"] == 10
+
+
+def test_export_of_a_classifier_keeps_its_logits_and_label_names(classifier_run, tiny_encoder_dir,
+                                                                 tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from server.cli import main
+
+    out = tmp_path / "merged"
+    assert main(["export", "--adapter", str(classifier_run.path), "--out", str(out)]) == 0
+    merged = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert merged.config.id2label == {0: "animal", 1: "food"}
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_encoder_dir, num_labels=2)
+    reference = PeftModel.from_pretrained(base, classifier_run.path / "adapter").eval()
+    ids = load_tokenizer(str(tiny_encoder_dir))(["cat dog horse", "rice apple pie"],
+                                                return_tensors="pt")
+    with torch.no_grad():  # merging rounds W + scale*B@A once in float32: ~1e-5 relative
+        torch.testing.assert_close(merged(**ids).logits, reference(**ids).logits,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_a_classifier_run_plots_accuracy_not_an_empty_perplexity(classifier_run):
+    from server.plots import plot_run
+
+    names = [p.name for p in plot_run(classifier_run.path)]
+    assert "accuracy.png" in names and "perplexity.png" not in names
+    assert (classifier_run.path / "plots" / "accuracy.png").stat().st_size > 5000
+
+
+def test_tools_refuse_what_a_classifier_cannot_do(classifier_run, tmp_path, capsys):
+    import shutil
+
+    from server.cli import main
+
+    assert main(["generate", "--adapter", str(classifier_run.path), "--prompt", "hi"]) == 2
+    assert "generate needs a causal-LM run; this one is a classifier" in capsys.readouterr().err
+    bare = tmp_path / "bare-adapter"  # a classifier's PEFT folder without its run folder
+    shutil.copytree(classifier_run.path / "adapters" / "round-1", bare)
+    assert main(["evaluate", "--adapter", str(bare)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a sequence classifier: give its run folder as --adapter" in err[0]

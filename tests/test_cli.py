@@ -41,6 +41,8 @@ def _tagged_processes(tag: str) -> list[int]:
     (["--run-config", "lokal-steps=3"], "unknown config key 'lokal-steps'"),
     (["--num-clients", "5"], "gives 4 clients but 5 were asked for"),
     (["--lr", "-1"], "config 'lr' must be > 0"),
+    (["--lora-target-modules", "q_proj,qkv"], "qkv not in model 'smollm2-135m-instruct'; its "
+                                              "linear layers are down_proj, gate_proj, k_proj"),
 ])
 def test_bad_input_is_one_clear_line_and_nothing_written(tmp_path, args, message):
     run_dir = tmp_path / "run"
@@ -110,3 +112,34 @@ def test_two_clients_two_rounds_end_to_end(tiny_model_dir, tiny_dataset, tmp_pat
     assert out.shape == (1, 6)
     assert (run_dir / "adapters" / "round-1" / "adapter_model.safetensors").exists()
     assert _tagged_processes(tag) == [], "the simulation left processes running"
+
+
+def test_printed_commands_name_fedtune_as_the_user_can_paste_it(tmp_path, monkeypatch):
+    from server.cli import invoked_as
+
+    script = tmp_path / "venv" / "bin" / "fedtune"
+    script.parent.mkdir(parents=True)
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["venv/bin/fedtune"])
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # venv not activated: `fedtune` alone fails
+    assert invoked_as() == "venv/bin/fedtune"
+    monkeypatch.setenv("PATH", f"{script.parent}:/usr/bin:/bin")  # activated
+    assert invoked_as() == "fedtune"
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "server" / "cli.py")])  # python -m server.cli
+    assert invoked_as() == "fedtune"
+
+
+def test_every_flag_of_every_subcommand_shows_its_default_and_each_has_an_example():
+    from server.cli import build_parser
+
+    parser = build_parser()
+    assert "example" in parser.epilog
+    subparsers = next(a for a in parser._actions if a.dest == "command")
+    for name, sub in subparsers.choices.items():
+        assert sub.epilog and "example" in sub.epilog and f"fedtune {name}" in sub.epilog, name
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                text = action.help or ""
+                assert "default" in text or "required" in text, (name, action.option_strings)

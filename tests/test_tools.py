@@ -209,6 +209,30 @@ def test_plot_writes_valid_pngs(tiny_run):
             image.verify()
 
 
+def test_epsilon_plot_appears_when_the_history_has_epsilon(tiny_run):
+    from PIL import Image
+
+    from server.plots import plot_run
+
+    history = tiny_run.history()
+    for row, epsilon in zip(history, (None, 0.8, 1.3)):  # round 0 trains nothing: no epsilon
+        row["epsilon"] = epsilon
+    (tiny_run.path / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    paths = plot_run(tiny_run.path)
+    assert [p.name for p in paths][-1] == "epsilon.png"
+    assert paths[-1].read_bytes()[:8] == PNG_SIGNATURE and paths[-1].stat().st_size > 5000
+    with Image.open(paths[-1]) as image:
+        image.verify()
+
+
+def test_no_epsilon_plot_for_an_empty_epsilon_column(tiny_run):
+    from server.plots import plot_run
+
+    history = [dict(row, epsilon=None) for row in tiny_run.history()]
+    (tiny_run.path / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    assert "epsilon.png" not in [p.name for p in plot_run(tiny_run.path)]
+
+
 def test_failed_plot_warns_but_the_run_still_succeeds(tmp_path, capsys):
     from server.cli import plot_after_run
 
