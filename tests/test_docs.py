@@ -78,7 +78,7 @@ def fedtune_argv(line: str) -> list[str] | None:
     except ValueError:  # unbalanced quotes: prose or output, not a command
         return None
     for i, token in enumerate(tokens):
-        if token == "fedtune" or token.endswith("/fedtune"):
+        if (token == "fedtune" or token.endswith("/fedtune")) and _command_position(tokens, i):
             argv = []
             for arg in tokens[i + 1:]:
                 if arg in SHELL_ENDS:
@@ -87,6 +87,19 @@ def fedtune_argv(line: str) -> list[str] | None:
             if argv and not argv[0].startswith(("|", ":")):
                 return argv
     return None
+
+
+def _command_position(tokens: list[str], i: int) -> bool:
+    """Whether tokens[i] is the command word, not an argument (`docker build -t
+    fedtune .`, `flwr run . fedtune`): first, or after shell punctuation, variable
+    assignments (`HF_HUB_OFFLINE=1 fedtune ...`), a prefix like `time`/`nohup`, or a
+    printed label."""
+    j = i - 1
+    while j >= 0 and ("=" in tokens[j] and not tokens[j].startswith("-")
+                      or tokens[j] in ("time", "nohup", "exec", "sudo")):
+        j -= 1
+    # ... or after a label the demo prints, "try it: fedtune generate ..."
+    return j < 0 or tokens[j] in SHELL_ENDS or tokens[j].endswith(":")
 
 
 def parse_error(argv: list[str]) -> str | None:
