@@ -71,6 +71,11 @@ class RunConfig:
         default=BUILTIN_MODEL,
     )
     dtype: str = _opt(f"Base weight dtype, one of {DTYPES}.", default="float32")
+    device: str = _opt(
+        "Where each process trains and evaluates: 'auto' (the first CUDA GPU if torch "
+        "sees one, else the CPU), 'cpu', 'cuda' or 'cuda:N'.",
+        default="auto",
+    )
     num_threads: int = _opt(
         "torch threads per process (1 per simulated client: two threads per client "
         "collapse when another process holds a core).",
@@ -291,6 +296,9 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check_choice("task", self.task, TASKS)
+        if self.device not in ("auto", "cpu", "cuda") and not (
+                self.device.startswith("cuda:") and self.device[5:].isdigit()):
+            raise ValueError(f"config 'device' must be auto, cpu, cuda or cuda:N; got {self.device!r}")
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("transport-dtype", self.transport_dtype, TRANSPORT_DTYPES)
         _check_choice("data-format", self.data_format, DATA_FORMATS)

@@ -222,7 +222,10 @@ def private_training(model: torch.nn.Module, optimizer, objective, private: Priv
     # bug in opacus issue 820); tests/test_dp.py checks zero noise equals plain SGD.
     wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean",
                                force_functorch=private.grad_sample_mode == "functorch")
-    dp_optimizer = _dp_optimizer(optimizer, private.plan, private.generator)
+    # The noise is drawn where the parameters live; Poisson sampling stays on the CPU.
+    device = next(p for p in model.parameters() if p.requires_grad).device
+    noise = torch.Generator(device=device).manual_seed(private.generator.initial_seed() + 1)
+    dp_optimizer = _dp_optimizer(optimizer, private.plan, noise)
     dp_optimizer.attach_step_hook(private.accountant.hook(private.plan.sample_rate))
     if penalties:
         dp_optimizer.penalty = lambda: sum(term(model) for term in penalties)

@@ -39,6 +39,7 @@ def generate(model, tokenizer, prompt: str, sampling: Sampling) -> str:
     # Seed per call, so base and fine-tuned answers of --compare draw the same noise.
     torch.manual_seed(sampling.seed)
     model.eval()
+    inputs = {k: v.to(model.device) for k, v in inputs.items()}
     out = model.generate(**inputs, **options)
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 

@@ -123,8 +123,21 @@ def load_tokenizer(name: str):
     return _TOKENIZERS[path]
 
 
-def load_base_model(name: str, dtype: str = "float32", num_labels: int = 0):
-    """A causal LM, or a sequence classifier with a new ``num_labels`` head."""
+def resolve_device(device: str) -> torch.device:
+    """'auto': the first CUDA GPU when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"config 'device' is {device!r} but torch sees no CUDA GPU: use "
+                         "--device cpu (or auto), or install a CUDA build of torch")
+    return torch.device(device)
+
+
+def load_base_model(name: str, dtype: str = "float32", num_labels: int = 0,
+                    device: str = "cpu"):
+    """A causal LM, or a sequence classifier with a new ``num_labels`` head, on
+    ``device``. Placed before peft or Opacus wrap it: moving a model after wrapping is
+    the class of bug that silently corrupts LoRA updates under DP (opacus issue 820)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = resolve_model_path(name)
@@ -142,7 +155,7 @@ def load_base_model(name: str, dtype: str = "float32", num_labels: int = 0):
             f"cannot load model '{name}': {str(err).splitlines()[0]} (is the name or "
             "path right? without the Hub, use a local folder or the built-in default)"
         ) from None
-    return model
+    return model.to(resolve_device(device))
 
 
 @contextlib.contextmanager
@@ -185,12 +198,13 @@ def get_model(cfg: RunConfig):
     key = (
         resolve_model_path(cfg.model), cfg.dtype, cfg.lora_r, cfg.lora_alpha,
         cfg.lora_dropout, cfg.lora_target_modules, cfg.seed, num_labels, cfg.ffa_lora,
+        cfg.device,
     )
     if key not in _MODELS:
         from peft import get_peft_model
 
         torch.manual_seed(cfg.seed)  # LoRA A and the classifier head start the same everywhere
-        base = load_base_model(cfg.model, cfg.dtype, num_labels)
+        base = load_base_model(cfg.model, cfg.dtype, num_labels, device=cfg.device)
         try:
             model = get_peft_model(base, lora_config(cfg))
         except ValueError as err:
@@ -287,7 +301,7 @@ def load_teacher(cfg: RunConfig):
             f"than the student {cfg.model!r} ({len(teacher_vocab)} vs {len(student_vocab)} "
             "tokens, or different ids): pick a teacher from the same model family"
         )
-    teacher = load_base_model(cfg.distill_teacher, cfg.dtype).eval()
+    teacher = load_base_model(cfg.distill_teacher, cfg.dtype, device=cfg.device).eval()
     teacher.requires_grad_(False)
     _TEACHERS[key] = teacher
     return teacher

@@ -99,9 +99,14 @@ def train_steps(model: torch.nn.Module, batches, objective: Objective, cfg: RunC
                      step_offset=step_offset, total=total, desc=desc)
 
 
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def _loop(model, optimizer, batches, objective, cfg: RunConfig, *, num_steps: int,
           step_offset: int, total: int, desc: str) -> TrainStats:
     params = [p for p in model.parameters() if p.requires_grad]
+    device = params[0].device
     losses, examples, tokens = [], 0, 0
     start = time.perf_counter()
     # disable=None: no bars when stderr is not a terminal (Ray actors, CI logs).
@@ -113,7 +118,7 @@ def _loop(model, optimizer, batches, objective, cfg: RunConfig, *, num_steps: in
             group["lr"] = cfg.lr * factor
         step_loss = 0.0
         for _ in range(cfg.grad_accum):
-            batch = next(batches)
+            batch = to_device(next(batches), device)
             loss = objective(model, batch) / cfg.grad_accum
             loss.backward()
             step_loss += float(loss.detach())
@@ -146,7 +151,9 @@ def evaluate(model: torch.nn.Module, examples: list[dict], *, batch_size: int,
 
 def _evaluate_causal_lm(model, examples, batch_size, pad_token_id) -> EvalStats:
     nll_sum, correct, count = 0.0, 0, 0
+    device = next(model.parameters()).device
     for batch in batches_once(examples, batch_size, pad_token_id):
+        batch = to_device(batch, device)
         logits, labels = response_logits(model, batch)
         mask = labels != IGNORE_INDEX
         nll_sum += float(token_nll(logits, labels).sum())
@@ -159,7 +166,9 @@ def _evaluate_causal_lm(model, examples, batch_size, pad_token_id) -> EvalStats:
 
 def _evaluate_classification(model, examples, batch_size, pad_token_id) -> EvalStats:
     loss_sum, predicted, actual, num_classes = 0.0, [], [], 0
+    device = next(model.parameters()).device
     for batch in batches_once(examples, batch_size, pad_token_id):
+        batch = to_device(batch, device)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss_sum += float(torch.nn.functional.cross_entropy(
             logits.float(), batch["labels"], reduction="sum"))

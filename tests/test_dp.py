@@ -335,8 +335,8 @@ def test_server_side_fixed_clipping_bounds_each_update(tiny_cfg, flower_identity
     start = adapter_state(get_model(cfg))
     initial = ArrayRecord({k: v.clone() for k, v in start.items()})
     sent = list(strategy.configure_train(1, initial, ConfigRecord(), FakeGrid([1, 2])))
-    big = {k: (v + 5.0).numpy() for k, v in start.items()}
-    small = {k: (v + 1e-4).numpy() for k, v in start.items()}
+    big = {k: v + 5.0 for k, v in start.items()}
+    small = {k: v + 1e-4 for k, v in start.items()}
     replies = [_reply(sent[0], big, num_examples=1000, **{"unit-weight": 1}),
                _reply(sent[1], small, num_examples=1, **{"unit-weight": 1})]
     arrays, _ = strategy.aggregate_train(1, replies)
