@@ -208,7 +208,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--local-steps", type=int, default=3)
     parser.add_argument("--eval-examples", type=int, default=64)
-    parser.add_argument("--pairs", type=int, default=8,
+    parser.add_argument("--pairs", type=int, default=6,
                         help="plain/DP step pairs for the step-time ratio")
     parser.add_argument("--only-steps", action="store_true",
                         help="measure the step-time ratio and reuse runs/bench-privacy.json")
@@ -223,7 +223,7 @@ def main() -> None:
     from common.config import RunConfig
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(1)  # as each simulated client does: 2 threads collapse on a busy machine
     cfg = RunConfig(num_server_rounds=args.rounds, local_steps=args.local_steps,
                     eval_examples=args.eval_examples)
     saved = ROOT / "runs" / "bench-privacy.json"
