@@ -126,7 +126,10 @@ def write_report(results: dict, cfg, args, out: Path) -> None:
     lines = [
         "# Privacy: held-out loss against epsilon on the built-in demo",
         "",
-        f"Measured by `python bench/privacy.py {' '.join(args.argv)}`".rstrip() + f" on "
+        "Measured by `" + " ".join(["python bench/privacy.py",
+                                    *(a for a in args.argv if a != "--only-steps")]) + "`"
+        + (" (the step-time table rerun alone with `--only-steps`)" if args.only_steps else "")
+        + " on "
         f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPU cores shared with other jobs (absolute times drift; the "
         "ratios are measured in the same run).",
