@@ -66,7 +66,8 @@ def train(msg: Message, context: Context) -> Message:
     seed = cfg.seed * 1_000_003 + server_round * 1_009 + partition_id
     torch.manual_seed(seed)  # LoRA dropout
     batches = batches_forever(examples, cfg.batch_size, tokenizer.pad_token_id,
-                              torch.Generator().manual_seed(seed))
+                              torch.Generator().manual_seed(seed),
+                              group_by_length=cfg.group_by_length)
     # 3. The one loop. The objective adds FedProx's term (if the strategy sent mu),
     #    L2-SP and distillation (from the config) to the task loss.
     objective = build_objective(model, cfg, proximal_mu=float(config.get(PROXIMAL_MU_KEY, 0.0)))

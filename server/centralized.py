@@ -57,7 +57,8 @@ def run_centralized(cfg: RunConfig, *, partition_id: int | None = None) -> RunFo
     total_steps = steps_per_round * cfg.num_server_rounds
     torch.manual_seed(cfg.seed)
     batches = batches_forever(examples, cfg.batch_size, tokenizer.pad_token_id,
-                              torch.Generator().manual_seed(cfg.seed))
+                              torch.Generator().manual_seed(cfg.seed),
+                              group_by_length=cfg.group_by_length)
     objective = build_objective(model, cfg)  # no proximal term: there is no global model
     wire = _NoWire()
     hook = RoundHook(cfg, run, model, tokenizer, heldout_examples(cfg, cfg.num_clients, tokenizer), wire)
