@@ -81,6 +81,7 @@ def run_centralized(cfg: RunConfig, *, partition_id: int | None = None) -> RunFo
                             total_steps=total_steps, desc=f"round {server_round}")
         wire.traffic = RoundTraffic(replies=1, clients=[{
             "round": server_round, "train-loss": stats.loss, "num-examples": len(examples),
+            "train-seconds": stats.seconds,
             "partition-id": -1 if partition_id is None else partition_id}])
         hook(server_round, ArrayRecord(adapter_state(model)))
         if validation and stopper.update(val_loss()):
