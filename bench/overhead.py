@@ -17,7 +17,8 @@ time of each run is split into phases from those stamps and from the per-round
   tokenization in their Ray actors, then dispatch, (de)serialization, aggregation;
 - shutdown: the last round line until the process has exited (summary, plots, Ray).
 
-Writes the overhead section of docs/benchmarks.md and docs/benchmarks-overhead.png.
+Writes the overhead section of docs/benchmarks.md (one per setting) and
+docs/benchmarks-overhead-{short,long}.png.
 
     python bench/overhead.py            # short default: 5 rounds x 2 clients x 4 steps, 32 eval examples
     python bench/overhead.py --long     # the issue's setting: 5 rounds x 2 clients x 20 steps, 96 eval examples
@@ -114,7 +115,8 @@ def report(results: dict, args, loads: tuple[str, str], command: str) -> list[st
              / (cen["wall"] - cen["phases"]["training"] + train_time))
     steps = args.rounds * 2 * args.local_steps
     lines = [
-        "## Federation overhead: `fedtune simulate` against `fedtune train`", "",
+        f"## Federation overhead: `fedtune simulate` against `fedtune train` "
+        f"({'the issue setting' if args.long else 'short default'})", "",
         f"Measured by `{command}` on {machine()}, {today()}; load average {loads[0]} at "
         f"the start and {loads[1]} at the end (other engineers' jobs shared the 2 cores: "
         "absolute seconds are noisy, and the two runs ran one after the other).", "",
@@ -145,7 +147,7 @@ def report(results: dict, args, loads: tuple[str, str], command: str) -> list[st
         f"- Final held-out loss: simulate {sim['eval-loss']:.4f}, train {cen['eval-loss']:.4f} "
         "(FedAvg of two non-IID clients against pooled data: not expected to be equal).",
         "",
-        "![Wall time by phase](benchmarks-overhead.png)",
+        f"![Wall time by phase](benchmarks-overhead-{'long' if args.long else 'short'}.png)",
         "",
     ]
     return lines
@@ -191,8 +193,9 @@ def main() -> None:
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     command = "python bench/overhead.py" + (" --long" if args.long else "")
     lines = report(results, args, (start_load, load_average()), command)
-    write_section("overhead", lines)
-    plot(results, ROOT / "docs" / "benchmarks-overhead.png")
+    setting = "long" if args.long else "short"  # the doc keeps one section of each
+    write_section(f"overhead-{setting}", lines)
+    plot(results, ROOT / "docs" / f"benchmarks-overhead-{setting}.png")
     print("\n".join(lines))
 
 
