@@ -162,7 +162,9 @@ def write_report(results: list[dict], sizes: list[dict], args, command: str) -> 
                      f"| {s['adapter'] * BYTES_FP32 / 1e6:,.1f} | {s['base'] * BYTES_FP32 / 1e6:,.0f} "
                      f"| {ratio:.2%} | {ratio / 2:.2%} |")
     lines.append("")
-    (ROOT / "docs" / "benchmarks.md").write_text("\n".join(lines))
+    from bench.report import write_section
+
+    write_section("communication", lines[2:])  # lines[:2]: the page title
     plot(results, ROOT / "docs" / "benchmarks-communication.png")
     print("\n".join(lines))
 

@@ -84,7 +84,8 @@ def train(msg: Message, context: Context) -> Message:
     seed = cfg.seed * 1_000_003 + server_round * 1_009 + partition_id
     torch.manual_seed(seed)  # LoRA dropout
     batches = batches_forever(examples, cfg.batch_size, tokenizer.pad_token_id,
-                              torch.Generator().manual_seed(seed))
+                              torch.Generator().manual_seed(seed),
+                              group_by_length=cfg.group_by_length)
     #    DP-SGD: this node's accountant (from its context), or a refusal if the round
     #    would overspend its budget; the run goes on with the other clients.
     try:

@@ -136,6 +136,11 @@ class RunConfig:
     weight_decay: float = _opt("AdamW weight decay.", default=0.0)
     batch_size: int = _opt("Examples per micro-batch.", default=8)
     grad_accum: int = _opt("Micro-batches per optimizer step.", default=1)
+    group_by_length: bool = _opt(
+        "Batch examples of similar length (shuffled groups of 50 batches, sorted by "
+        "length): less padding, same examples per epoch (true/false).",
+        default=False,
+    )
     local_steps: int = _opt("Optimizer steps per client per round.", default=6)
     max_grad_norm: float = _opt("Gradient clipping norm (0: off).", default=1.0)
     eval_batch_size: int = _opt("Batch size for evaluation.", default=16)

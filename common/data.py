@@ -443,13 +443,54 @@ def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
 
 
 def batches_forever(examples: list[dict], batch_size: int, pad_token_id: int,
-                    generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
-    """Shuffled epochs without end: a round asks for steps, not epochs."""
+                    generator: torch.Generator, *,
+                    group_by_length: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """Shuffled epochs without end: a round asks for steps, not epochs.
+
+    ``group_by_length`` batches examples of similar length (see
+    :func:`length_grouped_batches`) to cut padding; off, the order is exactly the
+    plain shuffle, so runs and resumes without it stay bit-identical.
+    """
+    lengths = [len(e["input_ids"]) for e in examples] if group_by_length else None
     while True:
         order = torch.randperm(len(examples), generator=generator).tolist()
-        for start in range(0, len(order), batch_size):
-            chunk = [examples[i] for i in order[start:start + batch_size]]
-            yield collate(chunk, pad_token_id)
+        if lengths is None:
+            chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        else:
+            chunks = length_grouped_batches(order, lengths, batch_size, generator)
+        for chunk in chunks:
+            yield collate([examples[i] for i in chunk], pad_token_id)
+
+
+GROUP_MEGABATCH = 50  # batches per length-sorted group: Hugging Face's LengthGroupedSampler
+
+
+def length_grouped_batches(order: list[int], lengths: list[int], batch_size: int,
+                           generator: torch.Generator) -> list[list[int]]:
+    """One epoch of batches of similar length, every index of ``order`` exactly once.
+
+    As Hugging Face's ``group_by_length``: cut the shuffled order into mega-batches of
+    ``GROUP_MEGABATCH`` batches, sort each by length, cut it into batches, then shuffle
+    the batches (seeded) so a round does not see only the longest or the shortest.
+    Packing would waste nothing, but needs per-sequence attention boundaries
+    (position-id resets, flash-attn varlen) that the CPU attention paths lack.
+    """
+    mega = batch_size * GROUP_MEGABATCH
+    batches = []
+    for start in range(0, len(order), mega):
+        group = sorted(order[start:start + mega], key=lambda i: lengths[i], reverse=True)
+        batches += [group[i:i + batch_size] for i in range(0, len(group), batch_size)]
+    shuffled = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in shuffled]
+
+
+def padding_fraction(batches) -> float:
+    """Share of the token slots in ``batches`` (collated) that are padding."""
+    slots = real = 0
+    for batch in batches:
+        slots += batch["attention_mask"].numel()
+        real += int(batch["attention_mask"].sum())
+    return 1.0 - real / max(1, slots)
 
 
 def batches_once(examples: list[dict], batch_size: int, pad_token_id: int):

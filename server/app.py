@@ -5,7 +5,6 @@ appends the metrics history."""
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import numpy as np
@@ -29,8 +28,11 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = config_from_run_config(context.run_config)
-    # Clients are idle while the server evaluates, so it may use every core.
-    setup_process(os.cpu_count() or 1)
+    # As many threads as a client and `fedtune train`: evaluation then costs the same
+    # in both (bench/overhead.py), and a second torch thread stalls whenever another
+    # process holds a core: 32 held-out examples took 14-34 s at 2 threads against 8 s
+    # at 1 on a shared 2-core machine (docs/benchmarks.md, overhead).
+    setup_process(cfg.num_threads)
     model, tokenizer = get_model(cfg), load_tokenizer(cfg.model)
     strategy = build_strategy(cfg)
     run, initial_arrays, done, best_loss = open_run(cfg, strategy, model)

@@ -58,7 +58,8 @@ def run_centralized(cfg: RunConfig, *, partition_id: int | None = None) -> RunFo
     total_steps = steps_per_round * cfg.num_server_rounds
     torch.manual_seed(cfg.seed)
     batches = batches_forever(examples, cfg.batch_size, tokenizer.pad_token_id,
-                              torch.Generator().manual_seed(cfg.seed))
+                              torch.Generator().manual_seed(cfg.seed),
+                              group_by_length=cfg.group_by_length)
     objective = build_objective(model, cfg)  # no proximal term: there is no global model
     # DP-SGD over the pooled data: one accountant for the whole run.
     private = None if not cfg.dp_sgd else PrivateTraining(
@@ -88,7 +89,7 @@ def run_centralized(cfg: RunConfig, *, partition_id: int | None = None) -> RunFo
                             total_steps=total_steps, desc=f"round {server_round}",
                             private=private)
         client = {"round": server_round, "train-loss": stats.loss,
-                  "num-examples": len(examples),
+                  "num-examples": len(examples), "train-seconds": stats.seconds,
                   "partition-id": -1 if partition_id is None else partition_id}
         if private is not None:
             client[DP_EPSILON_KEY] = private.accountant.epsilon(private.plan.delta)

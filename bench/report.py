@@ -1,0 +1,114 @@
+"""Shared by the bench scripts: the machine line, contention, and docs/benchmarks.md
+sections (each script rewrites its own section only, between markers)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "benchmarks.md"
+
+
+def machine() -> str:
+    return (f"{platform.node() or 'this machine'} ({os.cpu_count()} CPU cores, "
+            f"{platform.processor() or platform.machine()}, no GPU)")
+
+
+def load_average() -> str:
+    """The 1-minute load average: above the core count, other jobs took CPU from us."""
+    return f"{os.getloadavg()[0]:.1f}"
+
+
+def today() -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
+def write_section(name: str, lines: list[str]) -> None:
+    """Replace (or append) the section ``name`` of docs/benchmarks.md."""
+    start, end = f"<!-- section:{name} -->", f"<!-- end:{name} -->"
+    block = "\n".join([start, *lines, end])
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    DOC.write_text(text)
+
+
+def plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as pyplot
+
+    return pyplot
+
+
+def run_timed(cmd: list[str], log_path: Path, env: dict | None = None,
+              sample_memory: bool = False) -> tuple[list[tuple[float, str]], float, dict]:
+    """Run ``cmd``; return its output lines stamped with seconds since start, the wall
+    time, and (with ``sample_memory``) the peak memory of its whole process tree."""
+    import subprocess
+    import threading
+
+    started = time.perf_counter()
+    child = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, errors="replace")
+    sampler = TreeMemory(child.pid) if sample_memory else None
+    if sampler:
+        threading.Thread(target=sampler.run, daemon=True).start()
+    lines = []
+    with open(log_path, "w") as log:
+        for line in child.stdout:
+            stamp = time.perf_counter() - started
+            lines.append((stamp, line.rstrip("\n")))
+            log.write(f"{stamp:9.2f} {line}")
+    code = child.wait()
+    wall = time.perf_counter() - started
+    if sampler:
+        sampler.stop = True
+    if code:
+        raise RuntimeError(f"{' '.join(cmd)} failed with exit code {code}; see {log_path}")
+    return lines, wall, (sampler.peak() if sampler else {})
+
+
+class TreeMemory:
+    """Samples the memory of a process and all its descendants (Ray's raylet, GCS and
+    workers included) once per ``interval`` seconds; keeps the peak of the sums.
+
+    RSS counts pages shared between processes (libraries, copy-on-write) once per
+    process; PSS splits them, so the PSS sum is what the tree really holds."""
+
+    def __init__(self, pid: int, interval: float = 1.0):
+        self.pid, self.interval, self.stop = pid, interval, False
+        self.peak_rss = self.peak_pss = 0
+        self.peak_procs, self.peak_one = 0, 0
+
+    def sample(self) -> None:
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return
+        rss = pss = one = 0
+        for proc in procs:
+            try:
+                info = proc.memory_full_info()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            rss, pss, one = rss + info.rss, pss + getattr(info, "pss", info.rss), max(one, info.rss)
+        self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+        self.peak_procs, self.peak_one = max(self.peak_procs, len(procs)), max(self.peak_one, one)
+
+    def run(self) -> None:
+        while not self.stop:
+            self.sample()
+            time.sleep(self.interval)
+
+    def peak(self) -> dict:
+        return {"rss-mb": self.peak_rss / 1e6, "pss-mb": self.peak_pss / 1e6,
+                "processes": self.peak_procs, "largest-process-rss-mb": self.peak_one / 1e6}
