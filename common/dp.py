@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -232,7 +233,12 @@ def private_training(model: torch.nn.Module, optimizer, objective, private: Priv
     batches = poisson_batches(private.examples, private.plan.sample_rate,
                               private.pad_token_id, private.generator)
     try:
-        yield dp_optimizer, _skip_empty(task_loss), batches
+        with warnings.catch_warnings():
+            # Opacus' hooks on LoRA layers whose inputs need no grad: expected, and
+            # otherwise printed at every step (torch's full-backward-hook notice).
+            warnings.filterwarnings("ignore", message="Full backward hook is firing",
+                                    category=UserWarning)
+            yield dp_optimizer, _skip_empty(task_loss), batches
     finally:
         wrapped._close()  # removes the hooks and the per-sample gradients
         for p in model.parameters():
