@@ -36,7 +36,17 @@ class _Forwarding:
 
     def aggregate_train(self, server_round, replies):
         # Flower's adaptive wrappers iterate the replies twice: give them a list.
-        return super().aggregate_train(server_round, list(replies))
+        replies = list(replies)
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is None:
+            traffic = self.strategy.traffic
+            traffic.aggregated = False
+            if not (traffic.replies or traffic.failures):
+                # Flower's wrapper refused the round (an error reply) before the inner
+                # strategy saw it: count the replies so the history stays true.
+                self.strategy.receive(replies)
+                self.strategy.count_replies(server_round, replies)
+        return arrays, metrics
 
 
 def _wrapped(base):

@@ -360,6 +360,27 @@ def test_centralized_training_with_dp_sgd_records_epsilon(tiny_model_dir, tiny_d
     assert len(eps) == 2 and 0 < eps[0] < eps[1] <= 3.0
 
 
+def test_a_round_flower_dp_refuses_is_recorded_as_not_aggregated(tiny_cfg, flower_identity):
+    """Flower's DP wrappers skip a round with an error reply (the noise would not cover
+    the larger share of the others); the traffic must say so, not 'aggregated'."""
+    from flwr.app import Error, Message
+
+    from tests.test_robust import _reply
+
+    cfg = tiny_cfg.replace(client_dp="server-fixed", min_train_clients=2)
+    strategy = build_strategy(cfg)
+    start = adapter_state(get_model(cfg))
+    initial = ArrayRecord({k: v.clone() for k, v in start.items()})
+    sent = list(strategy.configure_train(1, initial, ConfigRecord(), FakeGrid([1, 2])))
+    replies = [_reply(sent[0], {k: v + 1e-3 for k, v in start.items()}, **{"unit-weight": 1}),
+               Message(Error(code=0, reason="client crashed"), reply_to=sent[1])]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is None
+    traffic = strategy.traffic
+    assert (traffic.aggregated, traffic.replies, traffic.failures) == (False, 1, 1)
+    assert traffic.bytes_received > 0
+
+
 def test_dp_simulation_records_epsilon_per_round(tiny_model_dir, tmp_path):
     data = write_records(tmp_path / "d.jsonl", per_category=40)
     run_dir = tmp_path / "run"
