@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -217,7 +218,7 @@ def main() -> None:
                         help="measure the step-time ratio and reuse runs/bench-privacy.json")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     args = parser.parse_args()
-    args.argv = [a for a in os.sys.argv[1:]]
+    args.argv = sys.argv[1:]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     import torch

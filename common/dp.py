@@ -150,7 +150,7 @@ class _PenaltyAfterNoiseOptimizer:
         if not self.pre_step():
             return None
         if self.penalty is not None:
-            params = [p for p in self.params]
+            params = self.params
             grads = torch.autograd.grad(self.penalty(), params, allow_unused=True)
             for p, g in zip(params, grads):
                 if g is not None:
@@ -185,9 +185,10 @@ def poisson_batches(examples: list[dict], sample_rate: float, pad_token_id: int,
 
 
 def empty_batch(*, classification: bool) -> dict[str, torch.Tensor]:
-    empty = torch.zeros((0, 1), dtype=torch.long)
-    labels = torch.zeros((0,), dtype=torch.long) if classification else empty.fill_(IGNORE_INDEX)
-    return {"input_ids": empty, "attention_mask": empty.clone(), "labels": labels}
+    labels = (torch.zeros((0,), dtype=torch.long) if classification
+              else torch.full((0, 1), IGNORE_INDEX, dtype=torch.long))
+    return {"input_ids": torch.zeros((0, 1), dtype=torch.long),
+            "attention_mask": torch.zeros((0, 1), dtype=torch.long), "labels": labels}
 
 
 def _skip_empty(objective):

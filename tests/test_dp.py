@@ -312,6 +312,7 @@ def test_client_level_dp_wraps_the_strategy_and_accounts_with_opacus(tiny_cfg, m
     cfg = tiny_cfg.replace(client_dp=mode, client_dp_noise_multiplier=0.8)
     strategy = build_strategy(cfg)
     assert hasattr(strategy, "traffic") or hasattr(strategy, "configure_train")
+    assert strategy.transport_dtype == "float32"  # the wrapper forwards to our strategy
     if mode != "local":
         assert type(strategy).__name__.startswith("FedTuneDifferentialPrivacy")
         assert strategy.strategy.weighted_by_key == "unit-weight"
