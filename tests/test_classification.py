@@ -64,20 +64,26 @@ def test_head_travels_with_the_adapter_and_metrics(tiny_encoder_dir, labelled_da
     assert len(partition_examples(cfg, 0, 2, tokenizer)) + len(partition_examples(cfg, 1, 2, tokenizer)) == 50
 
 
-def test_the_one_loop_learns_to_classify(tiny_encoder_dir, labelled_dataset, tmp_path):
+def test_the_one_loop_learns_to_classify(labelled_dataset, tmp_path):
+    """The real built-in encoder (MiniLM-L6, pretrained, shipped by pip), not a random
+    one: a random 2-layer encoder carries almost no signal through its frozen weights,
+    so whether it learns in a few LoRA steps depended on the init's RNG stream, which
+    moved when transformers changed how it initialises missing weights (this test
+    failed from transformers 5.20 to 5.24 at accuracy 0.5 to 0.7)."""
     from common.data import batches_forever
     from common.objectives import build_objective
     from common.train import train_steps
 
-    cfg = _cfg(tiny_encoder_dir, labelled_dataset, tmp_path, lr=0.05, lr_schedule="constant")
+    cfg = _cfg("minilm-l6-v2", labelled_dataset, tmp_path, lr=1e-3, lr_schedule="constant")
     model, tokenizer = get_model(cfg), load_tokenizer(cfg.model)
     heldout = heldout_examples(cfg, 2, tokenizer)
     before = evaluate(model, heldout, batch_size=10, pad_token_id=tokenizer.pad_token_id)
     examples = partition_examples(cfg, 0, 2, tokenizer) + partition_examples(cfg, 1, 2, tokenizer)
     batches = batches_forever(examples, 8, tokenizer.pad_token_id, torch.Generator().manual_seed(0))
-    train_steps(model, batches, build_objective(model, cfg), cfg, num_steps=25)
+    train_steps(model, batches, build_objective(model, cfg), cfg, num_steps=15)
     after = evaluate(model, heldout, batch_size=10, pad_token_id=tokenizer.pad_token_id)
-    assert after.loss < 0.7 * before.loss and after.metrics["accuracy"] >= 0.8, (before, after)
+    # measured: loss 0.70 -> 0.001, accuracy 1.0 (seeds 0 and 1); chance is 0.69 / 0.5
+    assert after.loss < 0.2 * before.loss and after.metrics["accuracy"] >= 0.9, (before, after)
 
 
 def test_federated_classification_end_to_end(tiny_encoder_dir, labelled_dataset, tmp_path):
