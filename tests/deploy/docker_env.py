@@ -143,7 +143,7 @@ def build_image(repository: str, base: str, context: Path) -> str:
     the context, so that a rerun on an unchanged tree reuses the image."""
     shutil.rmtree(context, ignore_errors=True)
     context.mkdir(parents=True)
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "requirements.lock"):
         shutil.copy(ROOT / name, context / name)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for name in ("common", "server", "client", "docker"):
