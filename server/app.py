@@ -19,6 +19,7 @@ from common.train import evaluate
 from server.privacy import client_level_epsilon
 from server.checkpoints import RunFolder, ServerState, check_resumable
 from server.strategies import build_strategy
+from server.summary import finish_run
 from server.tracking import TensorBoardLog
 
 log = logging.getLogger("fedtune")
@@ -39,14 +40,18 @@ def main(grid: Grid, context: Context) -> None:
     heldout = heldout_examples(cfg, cfg.num_clients, tokenizer)
     # A resumed run runs only the rounds left; the strategy and the hook add `done`
     # to Flower's round numbers (server/resume.py explains why).
+    hook = RoundHook(cfg, run, model, tokenizer, heldout, strategy,
+                     resumed_round=done, best_loss=best_loss)
     strategy.start(
         grid=grid,
         initial_arrays=initial_arrays,
         num_rounds=cfg.num_server_rounds - done,
         timeout=cfg.round_timeout,
-        evaluate_fn=RoundHook(cfg, run, model, tokenizer, heldout, strategy,
-                              resumed_round=done, best_loss=best_loss),
+        evaluate_fn=hook,
     )
+    # The table, headline, try-it line and plots: the same for `fedtune simulate` and
+    # `flwr run`, since both end here.
+    finish_run(cfg, run.path, time.perf_counter() - hook.started)
 
 
 def open_run(cfg: RunConfig, strategy, model) -> tuple[RunFolder, ArrayRecord, int, float]:

@@ -23,6 +23,7 @@ import numpy as np
 import safetensors.numpy
 
 from common.config import RunConfig
+from server.console import CONSOLE_ENV, OWN_LINE_MARK
 
 HISTORY_COLUMNS = (
     "round", "train-loss", "eval-loss", "eval-perplexity", "eval-token-accuracy",
@@ -162,8 +163,10 @@ class RunFolder:
         os.replace(link_tmp, link)
 
     def log(self, line: str) -> None:
-        """Print a line and keep it in ``run.log``, so the run's story outlives the terminal."""
-        print(line, flush=True)
+        """Print a line and keep it in ``run.log``, so the run's story outlives the terminal.
+        Under `fedtune simulate` the line is marked as fedtune's own (server/console.py)."""
+        mark = OWN_LINE_MARK if os.environ.get(CONSOLE_ENV) else ""
+        print("\n".join(mark + part for part in line.split("\n")), flush=True)
         with open(self.path / "run.log", "a", encoding="utf-8") as fh:
             fh.write(line + "\n")
 

@@ -15,10 +15,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import math
 import os
-import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +25,8 @@ from pathlib import Path
 
 from common.config import RunConfig, config_fields, parse_run_config_string
 from common.runtime import CONFIG_ENV, setup_process
-from server.tools import TRY_PROMPT, add_tool_parsers
+from server.summary import INVOKED_AS_ENV, finish_run, invoked_as
+from server.tools import add_tool_parsers
 
 EXAMPLE = """example:
   fedtune simulate                                   # built-in demo: SmolLM2 + WordNet, 4 clients
@@ -77,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLE,
         description="Run a federated fine-tuning on this machine (Flower simulation).")
     add_config_arguments(sim)
+    sim.add_argument("--verbose", action="store_true",
+                     help="show Flower's and Ray's log lines live (default: only fedtune's "
+                          "lines and warnings/errors; everything is in RUN_DIR/run.log)")
     sim.add_argument("--resume", dest="resume-from", default=None, metavar="RUN_DIR",
                      help="continue this run folder after its last completed round, with its "
                           "config; flags given here override it (same as --resume-from; "
@@ -196,12 +197,22 @@ def check_privacy_plan(cfg: RunConfig, data) -> None:
         build_strategy(cfg)  # Flower's wrappers check their own settings
 
 
-def simulate(cfg: RunConfig) -> int:
-    env = dict(os.environ, **{CONFIG_ENV: json.dumps(cfg.to_mapping())})
-    started = time.perf_counter()
+def simulate(cfg: RunConfig, *, verbose: bool = False) -> int:
+    """Run the simulation child; its output goes through :class:`ConsoleFilter`: fedtune's
+    lines and problems to the terminal, everything to RUN/run.log (``verbose``: all live).
+    The ServerApp prints the summary and writes the plots at the end of its last round."""
+    from server.console import CONSOLE_ENV, ConsoleFilter
+
+    env = dict(os.environ, **{CONFIG_ENV: json.dumps(cfg.to_mapping()), CONSOLE_ENV: "1",
+                              INVOKED_AS_ENV: invoked_as(), "PYTHONUNBUFFERED": "1"})
+    console = ConsoleFilter(Path(cfg.run_dir) / "run.log", verbose=verbose)
     child = subprocess.Popen([sys.executable, "-m", "server.simulation"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             errors="replace", bufsize=1,
                              start_new_session=True, preexec_fn=_die_with_parent)
     try:
+        for line in child.stdout:
+            console.feed(line)
         code = child.wait()
     except KeyboardInterrupt:
         print("\nfedtune: interrupted, stopping the simulation ...", file=sys.stderr)
@@ -209,39 +220,17 @@ def simulate(cfg: RunConfig) -> int:
         return 130
     finally:
         stop_process_group(child)
+        console.close()
     if code != 0:
-        print(f"fedtune: simulation failed (exit code {code}); see the log above", file=sys.stderr)
+        if console.pending:  # it failed before the run folder existed: show its last lines
+            print("\n".join(console.pending[-40:]), file=sys.stderr)
+            where = "above"
+        else:
+            where = f"in {Path(cfg.run_dir) / 'run.log'}"
+        print(f"fedtune: simulation failed (exit code {code}); its log is {where}",
+              file=sys.stderr)
         return code
-    print_summary(Path(cfg.run_dir), time.perf_counter() - started, try_prompt(cfg))
-    plot_after_run(Path(cfg.run_dir))
     return 0
-
-
-def plot_after_run(run_dir: Path) -> None:
-    """Curves for every run; the run itself succeeded, so a plotting problem only warns."""
-    try:
-        from server.plots import plot_run
-
-        paths = plot_run(run_dir)
-        print(f"plots: {paths[0].parent}/ ({', '.join(p.name for p in paths)})")
-    except Exception as err:  # noqa: BLE001 - any failure here must not fail the run
-        print(f"fedtune: warning: plotting failed ({type(err).__name__}: {err}); "
-              f"retry with `{invoked_as()} plot {run_dir}`", file=sys.stderr)
-
-
-def try_prompt(cfg: RunConfig) -> str:
-    """A prompt like the run's data: the first held-out one (the demo: a fixed word)."""
-    from common.config import BUILTIN_DATASET
-
-    if cfg.dataset == BUILTIN_DATASET:
-        return TRY_PROMPT
-    try:
-        from common.data import load_run_data, to_messages
-
-        data = load_run_data(cfg, cfg.num_clients)  # cached since preflight
-        return to_messages(data.heldout[0], data.fmt)[-2]["content"].splitlines()[0]
-    except Exception:  # noqa: BLE001 - a hint line is not worth failing the summary
-        return "Hello"
 
 
 def _die_with_parent() -> None:
@@ -272,65 +261,6 @@ def stop_process_group(child: subprocess.Popen) -> None:
             time.sleep(0.2)
 
 
-def print_summary(run_dir: Path, seconds: float, prompt: str = TRY_PROMPT) -> None:
-    """The table, the headline and a command to try the model; also kept in run.log."""
-    from server.checkpoints import RunFolder
-
-    run = RunFolder(run_dir)
-    history = run.history()
-    first, last = history[0], history[-1]
-    best = min(history[1:] or history, key=lambda r: r["eval-loss"])
-    lm = "eval-perplexity" in first
-    columns = ({"eval-perplexity": "perplexity", "eval-token-accuracy": "token acc"} if lm
-               else {"eval-accuracy": "accuracy", "eval-macro-f1": "macro-F1"})
-    lines = ["", f"{'round':>5} {'train loss':>10} {'eval loss':>9} "
-                 + " ".join(f"{name:>10}" for name in columns.values())
-                 + f" {'MB sent':>8} {'MB recv':>8} {'MB total':>9}"]
-    for row in history:
-        lines.append(
-            f"{row['round']:>5} {row.get('train-loss', math.nan):>10.4f} {row['eval-loss']:>9.4f} "
-            + " ".join(f"{row[c]:>10.2f}" if c == "eval-perplexity" else f"{row[c]:>10.3f}"
-                       for c in columns)
-            + f" {row.get('bytes-sent', 0) / 1e6:>8.2f} {row.get('bytes-received', 0) / 1e6:>8.2f}"
-            + f" {row.get('mb-total', 0):>9.2f}")
-    if lm:
-        drop = 1 - last["eval-perplexity"] / first["eval-perplexity"]
-        headline = (f"held-out perplexity {first['eval-perplexity']:.2f} -> "
-                    f"{last['eval-perplexity']:.2f} ({drop:.0%} lower)")
-    else:
-        headline = (f"held-out accuracy {first['eval-accuracy']:.3f} -> {last['eval-accuracy']:.3f}, "
-                    f"macro-F1 {first['eval-macro-f1']:.3f} -> {last['eval-macro-f1']:.3f}")
-    lines += [
-        "",
-        f"{headline} after {last['round']} round{'s' * (last['round'] != 1)} in {seconds:.0f} s",
-        f"run folder: {run_dir}  (global adapter: {run_dir / 'adapter'}, "
-        f"best: {run_dir / 'best'} = round {best['round']})",
-    ]
-    if lm:
-        lines.append(f"try it: {invoked_as()} generate --adapter {run_dir} "
-                     f"--prompt {_double_quoted(prompt)}")
-    for line in lines:
-        run.log(line)
-
-
-def invoked_as() -> str:
-    """`fedtune` as the user can paste it into the same shell: the path they typed when
-    `fedtune` alone would not run it (README's `.venv/bin/fedtune simulate`, venv not
-    activated), else `fedtune` (also under `python -m server.cli`)."""
-    typed = sys.argv[0] if sys.argv else ""
-    if Path(typed).name != "fedtune":
-        return "fedtune"
-    on_path = shutil.which("fedtune")
-    if on_path and Path(on_path).resolve() == Path(typed).resolve():
-        return "fedtune"
-    return shlex.quote(typed)
-
-
-def _double_quoted(text: str) -> str:
-    """Shell double quotes: reads better than shlex.quote for prompts with apostrophes."""
-    return '"' + "".join("\\" + c if c in '"$`\\' else c for c in text) + '"'
-
-
 def train_command(args: argparse.Namespace) -> int:
     from server.centralized import run_centralized
 
@@ -346,8 +276,7 @@ def train_command(args: argparse.Namespace) -> int:
                          "one party: use --dp-sgd for DP training on the pooled data")
     started = time.perf_counter()
     run = run_centralized(cfg, partition_id=args.partition_id)
-    print_summary(run.path, time.perf_counter() - started, try_prompt(cfg))
-    plot_after_run(run.path)
+    finish_run(cfg, run.path, time.perf_counter() - started)
     return 0
 
 
@@ -410,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"fedtune: error: {err}", file=sys.stderr)
         return 2
-    return simulate(cfg)
+    return simulate(cfg, verbose=args.verbose)
 
 
 def _is_offline_config(cfg: RunConfig) -> bool:

@@ -11,7 +11,7 @@ from logging import WARNING
 from typing import Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
@@ -21,8 +21,8 @@ from flwr.serverapp.strategy import (
 )
 
 from common.config import (
-    ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, TRANSPORT_DTYPE_KEY, UNIT_WEIGHT_KEY,
-    RunConfig,
+    ARRAYS_KEY, DP_EPSILON_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, TRANSPORT_DTYPE_KEY,
+    UNIT_WEIGHT_KEY, RunConfig,
 )
 from common.dp import DP_REFUSAL_CODE
 from common.transport import decode_state, encode_state
@@ -240,6 +240,33 @@ class ReptileLoRA(ResumableMixin, GuardMixin, FedAvgM):
     at server learning rate epsilon (epsilon = 1 is FedAvg)."""
 
 
+# How each train-reply metric combines across clients. Flower's default averages every
+# key, which turns ids and flags into meaningless numbers (a mean 'partition-id' 1.55).
+_TRAIN_METRIC_RULES = {"train-loss": "mean", "train-tokens": "sum", "train-seconds": "max",
+                       DP_EPSILON_KEY: "max"}
+
+
+def train_metrics(records: list, weight_key: str) -> MetricRecord:
+    """The round's train metrics for Flower's log and ``Result``: the example-weighted
+    mean train loss, total tokens and examples, the slowest client's seconds and the
+    largest DP epsilon; per-client values stay in ``clients.jsonl``.
+    Signature of Flower's ``train_metrics_aggr_fn`` (list[RecordDict], weighting key)."""
+    rows = [next(iter(r.metric_records.values())) for r in records]
+    weights = [float(row.get(weight_key, 1.0)) for row in rows]
+    out = MetricRecord({NUM_EXAMPLES_KEY: int(sum(row.get(NUM_EXAMPLES_KEY, 0) for row in rows))})
+    for key, rule in _TRAIN_METRIC_RULES.items():
+        values = [(float(row[key]), w) for row, w in zip(rows, weights) if key in row]
+        if not values:
+            continue
+        if rule == "mean":
+            out[key] = sum(v * w for v, w in values) / (sum(w for _, w in values) or 1.0)
+        elif rule == "sum":
+            out[key] = sum(v for v, _ in values)
+        else:
+            out[key] = max(v for v, _ in values)
+    return out
+
+
 def build_strategy(cfg: RunConfig):
     """The strategy 'strategy' names, inside a Flower DP wrapper if 'client-dp' asks."""
     from server.privacy import wrap_client_dp
@@ -255,6 +282,7 @@ def _build_strategy(cfg: RunConfig):
         min_available_nodes=cfg.min_train_clients,
         # client-level DP calibrates its noise to an unweighted mean (server/privacy.py)
         weighted_by_key=UNIT_WEIGHT_KEY if cfg.client_dp != "off" else NUM_EXAMPLES_KEY,
+        train_metrics_aggr_fn=train_metrics,
         guard=UpdateGuard.from_config(cfg),
         transport_dtype=cfg.transport_dtype,
     )

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from common.config import BUILTIN_CLASSIFIER, BUILTIN_DATASET, BUILTIN_MODEL, DTYPES, RunConfig
+from server.summary import TRY_PROMPT
 
-TRY_PROMPT = "Define the word 'otter' (noun)."
 HELP = argparse.RawDescriptionHelpFormatter
 if TYPE_CHECKING:  # the tools import torch and peft lazily: `fedtune --help` stays fast
     from common.adapters import AdapterSource
@@ -128,6 +128,11 @@ def _add_model_arguments(p: argparse.ArgumentParser, *, adapter_required: bool) 
                    help=f"base model (default: the run's model, else '{BUILTIN_MODEL}')")
     p.add_argument("--dtype", default=None, choices=DTYPES,
                    help="base weight dtype (default: the run's, else float32)")
+    p.add_argument("--num-threads", type=int, default=None, metavar="N",
+                   help="torch threads (default: every core, %d here). On a machine other jobs "
+                        "are using, 1 or 2 can be several times faster: a torch thread that "
+                        "loses its core stalls all the others at each operation"
+                        % (os.cpu_count() or 1))
 
 
 @dataclass(frozen=True)
@@ -156,7 +161,7 @@ def _load(args: argparse.Namespace) -> Loaded:
     cfg = cfg.replace(model=args.model or cfg.model, dtype=args.dtype or cfg.dtype)
     if cfg.model in (BUILTIN_MODEL, BUILTIN_CLASSIFIER) or Path(cfg.model).expanduser().exists():
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local model: never wait on the Hub
-    setup_process(os.cpu_count() or 1)
+    setup_process(_num_threads(args))
     labels = None
     if cfg.task == "classification":
         from common.data import class_labels
@@ -169,6 +174,15 @@ def _load(args: argparse.Namespace) -> Loaded:
         base.config.label2id = {label: i for i, label in enumerate(labels)}
     model = attach_adapter(base, source.path, model_name=cfg.model) if source else base
     return Loaded(model, tokenizer, cfg, source, labels)
+
+
+def _num_threads(args: argparse.Namespace) -> int:
+    threads = getattr(args, "num_threads", None)
+    if threads is None:
+        return os.cpu_count() or 1
+    if threads < 1:
+        raise ValueError(f"--num-threads {threads}: give a whole number of threads, 1 or more")
+    return threads
 
 
 def _is_classifier_adapter(folder: Path) -> bool:

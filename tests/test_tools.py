@@ -235,7 +235,7 @@ def test_no_epsilon_plot_for_an_empty_epsilon_column(tiny_run):
 
 
 def test_failed_plot_warns_but_the_run_still_succeeds(tmp_path, capsys):
-    from server.cli import plot_after_run
+    from server.summary import plot_after_run
 
     plot_after_run(tmp_path)  # no history.jsonl: plotting fails
     err = capsys.readouterr().err

@@ -1,0 +1,117 @@
+"""The end of a run, the same from every launcher: the table, the headline, a command
+to try the model (all kept in ``run.log``), and the plots.
+
+``fedtune train`` calls :func:`finish_run` itself; for federated runs the ServerApp
+calls it after its last round, so ``fedtune simulate`` and ``flwr run`` end alike.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+from common.config import RunConfig
+
+TRY_PROMPT = "Define the word 'otter' (noun)."
+# `fedtune simulate` tells its child how the user invoked fedtune (server/cli.py), so
+# the try-it line printed by the ServerApp can be pasted into the same shell.
+INVOKED_AS_ENV = "FEDTUNE_INVOKED_AS"
+
+
+def finish_run(cfg: RunConfig, run_dir: Path, seconds: float) -> None:
+    """Summary lines (printed and appended to run.log), then the plots."""
+    print_summary(run_dir, seconds, try_prompt(cfg))
+    plot_after_run(run_dir)
+
+
+def plot_after_run(run_dir: Path) -> None:
+    """Curves for every run; the run itself succeeded, so a plotting problem only warns."""
+    try:
+        from server.checkpoints import RunFolder
+        from server.plots import plot_run
+
+        paths = plot_run(run_dir)
+        RunFolder(run_dir).log(f"plots: {paths[0].parent}/ ({', '.join(p.name for p in paths)})")
+    except Exception as err:  # noqa: BLE001 - any failure here must not fail the run
+        print(f"fedtune: warning: plotting failed ({type(err).__name__}: {err}); "
+              f"retry with `{invoked_as()} plot {run_dir}`", file=sys.stderr)
+
+
+def try_prompt(cfg: RunConfig) -> str:
+    """A prompt like the run's data: the first held-out one (the demo: a fixed word)."""
+    from common.config import BUILTIN_DATASET
+
+    if cfg.dataset == BUILTIN_DATASET:
+        return TRY_PROMPT
+    try:
+        from common.data import load_run_data, to_messages
+
+        data = load_run_data(cfg, cfg.num_clients)  # cached since preflight
+        return to_messages(data.heldout[0], data.fmt)[-2]["content"].splitlines()[0]
+    except Exception:  # noqa: BLE001 - a hint line is not worth failing the summary
+        return "Hello"
+
+
+def print_summary(run_dir: Path, seconds: float, prompt: str = TRY_PROMPT) -> None:
+    """The table, the headline and a command to try the model; also kept in run.log."""
+    from server.checkpoints import RunFolder
+
+    run = RunFolder(run_dir)
+    history = run.history()
+    first, last = history[0], history[-1]
+    best = min(history[1:] or history, key=lambda r: r["eval-loss"])
+    lm = "eval-perplexity" in first
+    columns = ({"eval-perplexity": "perplexity", "eval-token-accuracy": "token acc"} if lm
+               else {"eval-accuracy": "accuracy", "eval-macro-f1": "macro-F1"})
+    lines = ["", f"{'round':>5} {'train loss':>10} {'eval loss':>9} "
+                 + " ".join(f"{name:>10}" for name in columns.values())
+                 + f" {'MB sent':>8} {'MB recv':>8} {'MB total':>9}"]
+    for row in history:
+        lines.append(
+            f"{row['round']:>5} {row.get('train-loss', math.nan):>10.4f} {row['eval-loss']:>9.4f} "
+            + " ".join(f"{row[c]:>10.2f}" if c == "eval-perplexity" else f"{row[c]:>10.3f}"
+                       for c in columns)
+            + f" {row.get('bytes-sent', 0) / 1e6:>8.2f} {row.get('bytes-received', 0) / 1e6:>8.2f}"
+            + f" {row.get('mb-total', 0):>9.2f}")
+    if lm:
+        drop = 1 - last["eval-perplexity"] / first["eval-perplexity"]
+        headline = (f"held-out perplexity {first['eval-perplexity']:.2f} -> "
+                    f"{last['eval-perplexity']:.2f} ({drop:.0%} lower)")
+    else:
+        headline = (f"held-out accuracy {first['eval-accuracy']:.3f} -> {last['eval-accuracy']:.3f}, "
+                    f"macro-F1 {first['eval-macro-f1']:.3f} -> {last['eval-macro-f1']:.3f}")
+    lines += [
+        "",
+        f"{headline} after {last['round']} round{'s' * (last['round'] != 1)} in {seconds:.0f} s",
+        f"run folder: {run_dir}  (global adapter: {run_dir / 'adapter'}, "
+        f"best: {run_dir / 'best'} = round {best['round']})",
+    ]
+    if lm:
+        lines.append(f"try it: {invoked_as()} generate --adapter {run_dir} "
+                     f"--prompt {_double_quoted(prompt)}")
+    for line in lines:
+        run.log(line)
+
+
+def invoked_as() -> str:
+    """`fedtune` as the user can paste it into the same shell: the path they typed when
+    `fedtune` alone would not run it (README's `.venv/bin/fedtune simulate`, venv not
+    activated), else `fedtune` (also under `python -m server.cli`)."""
+    if os.environ.get(INVOKED_AS_ENV):
+        return os.environ[INVOKED_AS_ENV]
+    typed = sys.argv[0] if sys.argv else ""
+    if Path(typed).name != "fedtune":
+        return "fedtune"
+    on_path = shutil.which("fedtune")
+    if on_path and Path(on_path).resolve() == Path(typed).resolve():
+        return "fedtune"
+    return shlex.quote(typed)
+
+
+def _double_quoted(text: str) -> str:
+    """Shell double quotes: reads better than shlex.quote for prompts with apostrophes."""
+    return '"' + "".join("\\" + c if c in '"$`\\' else c for c in text) + '"'
