@@ -99,3 +99,16 @@ def test_adaptive_strategies_move_toward_the_clients_and_take_their_settings(nam
     assert np.all(np.sign(got) == np.array([1, 1, -1]))  # a step in the clients' direction
     if name != "fedavgm":  # adaptive steps are about eta per coordinate, whatever the scale
         assert np.all(np.abs(got) <= 0.01 * 1.01 * 10)
+
+
+def test_train_metrics_combine_by_meaning_not_by_blind_averaging():
+    from server.strategies import train_metrics
+
+    records = [RecordDict({"metrics": MetricRecord({
+        "train-loss": loss, "num-examples": n, "train-tokens": tokens, "train-seconds": secs,
+        "partition-id": pid, "unit-weight": 1})})
+        for loss, n, tokens, secs, pid in ((2.0, 30, 100, 4.0, 0), (4.0, 10, 50, 9.0, 3))]
+    got = dict(train_metrics(records, "num-examples"))
+    # weighted mean loss (2*30 + 4*10) / 40; ids and flags are not averaged at all
+    assert got == {"num-examples": 40, "train-loss": pytest.approx(2.5), "train-tokens": 150,
+                   "train-seconds": 9.0}

@@ -140,6 +140,19 @@ def test_evaluate_run_folder_defaults_to_its_heldout_split(tiny_run, capsys):
     assert got["token-accuracy"] == pytest.approx(round1["eval-token-accuracy"])
 
 
+def test_num_threads_sets_torchs_threads(tiny_run, capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            assert main(["evaluate", "--adapter", str(tiny_run.path), "--json",
+                         "--num-threads", str(threads)]) == 0
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+
+
 # --- generate --------------------------------------------------------------------------
 def test_compare_gives_the_base_models_answer_from_one_copy(tiny_run, tiny_model_dir):
     from peft import PeftModel
@@ -278,6 +291,7 @@ def test_bad_adapter_is_one_line_and_exit_2(case, message, tiny_run, tiny_cfg, t
     (["generate", "--adapter", "{run}", "--prompt", "x", "--top-p", "0"], "--top-p must be in (0, 1]"),
     (["export", "--adapter", "{run}", "--out", "{run}"], "already exists: choose another --out"),
     (["plot", "{tmp}/none"], "run folder '{tmp}/none' does not exist"),
+    (["evaluate", "--adapter", "{run}", "--num-threads", "0"], "--num-threads 0: give a whole number"),
 ])
 def test_tool_errors_are_one_line_and_exit_2(argv, message, tiny_run, tmp_path, capsys):
     fill = lambda s: s.format(run=tiny_run.path, tmp=tmp_path)  # noqa: E731
