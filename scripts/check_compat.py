@@ -52,26 +52,32 @@ CHILD = textwrap.dedent('''
         with torch.no_grad():
             return float((model(input_ids=ids).logits[0] - want).abs().max())
 
+    def error(err):
+        return f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+
     for name in ("export", "export-5x-keys-only"):
         try:
             model = load(work / name)
+            out[name] = {"max-abs-diff": diff(model, ref["export"]),
+                         "rope-theta": getattr(model.config, "rope_theta", None)}
+        except Exception as err:  # report and go on: a failure is a result here
+            out[name] = {"error": error(err)}
+        try:
             tok = AutoTokenizer.from_pretrained(work / name)
             text = tok.apply_chat_template(ref["messages"], tokenize=False,
                                            add_generation_prompt=True)
-            out[name] = {"max-abs-diff": diff(model, ref["export"]),
-                         "rope-theta": getattr(model.config, "rope_theta", None),
-                         "tokenizer": type(tok).__name__,
-                         "same-prompt-text": text == ref["text"],
-                         "same-token-ids": tok(text, add_special_tokens=False)["input_ids"] == ref["ids"]}
-        except Exception as err:  # report and go on: a failure is a result here
-            out[name] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
+            out[name].update({"tokenizer": type(tok).__name__,
+                              "same-prompt-text": text == ref["text"],
+                              "same-token-ids": tok(text, add_special_tokens=False)["input_ids"] == ref["ids"]})
+        except Exception as err:
+            out[name]["tokenizer-error"] = error(err)
     try:
         from peft import PeftModel
         model = PeftModel.from_pretrained(load(ref["base"]), work / "adapter").eval()
         out["adapter"] = {"max-abs-diff": diff(model, ref["adapter"]),
                           "base-rope-theta": getattr(model.base_model.model.config, "rope_theta", None)}
     except Exception as err:
-        out["adapter"] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
+        out["adapter"] = {"error": error(err)}
     print("RESULT " + json.dumps(out))
 ''')
 
@@ -163,6 +169,7 @@ def summary(result: dict) -> str:
             return "error: " + entry["error"]
         extra = [f"rope_theta {entry['rope-theta']}"] if "rope-theta" in entry else []
         extra += [entry["tokenizer"]] if "tokenizer" in entry else []
+        extra += [f"tokenizer error: {entry['tokenizer-error']}"] if "tokenizer-error" in entry else []
         if "same-token-ids" in entry and not (entry["same-token-ids"] and entry["same-prompt-text"]):
             extra.append("OTHER chat-template tokens")
         return f"max abs diff {entry['max-abs-diff']:.3g} ({', '.join(extra) or 'ok'})"
@@ -183,10 +190,13 @@ def main() -> None:
                         help="a run folder or PEFT folder on the built-in model (default: a "
                              "seeded random adapter)")
     parser.add_argument("--work", default="/tmp/fedtune-compat", help="work folder (kept)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep the adapter, export and logits of an earlier call in --work")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    build_reference(work, args.adapter)
+    if not (args.reuse and (work / "reference.pt").exists()):
+        build_reference(work, args.adapter)
     for pair in args.versions:
         transformers, _, peft = pair.partition(":")
         print(summary(check(work, transformers, peft)), flush=True)
