@@ -29,6 +29,9 @@ BUILTIN_MODEL = "smollm2-135m-instruct"
 BUILTIN_CLASSIFIER = "minilm-l6-v2"
 TASKS = ("causal-lm", "classification")
 BUILTIN_DATASET = "wordnet"
+# 'categories' auto: these four for the built-in dataset (four non-IID clients), no
+# filter for any other dataset (a user's file has no WordNet categories).
+WORDNET_CATEGORIES = "noun.animal,noun.food,noun.plant,noun.body"
 
 STRATEGIES = (
     "fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm", "reptile",
@@ -104,9 +107,10 @@ class RunConfig:
     )
     label_column: str = _opt("classification: the label column.", default="category")
     categories: str = _opt(
-        "Comma separated values of the partition column to keep (empty: all). The "
-        "WordNet default gives four non-IID clients, one lexicographer category each.",
-        default="noun.animal,noun.food,noun.plant,noun.body",
+        "Comma separated values of the partition column to keep (empty: all). 'auto': "
+        f"for the built-in '{BUILTIN_DATASET}' dataset {WORDNET_CATEGORIES} (four non-IID "
+        "clients, one lexicographer category each), for any other dataset all.",
+        default="auto",
     )
     partitioner: str = _opt(f"One of {PARTITIONERS}.", default="natural")
     partition_by: str = _opt(
@@ -117,8 +121,16 @@ class RunConfig:
         "Cap on each client's training examples (0: no cap).", default=0
     )
     eval_examples: int = _opt(
-        "Held-out examples for server-side evaluation, drawn before partitioning.",
+        "Held-out examples for server-side evaluation: drawn from dataset before "
+        "partitioning, or with eval-dataset the first of its shuffled records (fewer if "
+        "it has fewer). 0: evaluation off, nothing held out.",
         default=96,
+    )
+    eval_dataset: str = _opt(
+        "Evaluation data in its own source (file, folder or Hub name, as dataset): the "
+        "server evaluates on it and nothing is held out of dataset. Empty: eval-examples "
+        "records of dataset.",
+        default="",
     )
     max_length: int = _opt("Token cap per example (prompt + response).", default=96)
     # --- local training ----------------------------------------------------------
@@ -312,7 +324,7 @@ class RunConfig:
         _check_choice("strategy", self.strategy, STRATEGIES)
         for name in ("num-threads", "lora-r", "batch-size", "grad-accum", "local-steps",
                      "eval-batch-size", "num-server-rounds", "num-clients",
-                     "min-train-clients", "max-length", "eval-examples"):
+                     "min-train-clients", "max-length"):
             if getattr(self, _attr(name)) < 1:
                 raise ValueError(f"config '{name}' must be >= 1, got {getattr(self, _attr(name))}")
         for name in ("lr", "lora-alpha", "dirichlet-alpha", "round-timeout", "server-eta",
@@ -322,7 +334,7 @@ class RunConfig:
         for name in ("proximal-mu", "weight-decay", "max-grad-norm", "warmup-steps",
                      "max-examples-per-client", "l2sp-weight",
                      "early-stopping-patience", "validation-examples",
-                     "lr-schedule-steps"):
+                     "lr-schedule-steps", "eval-examples"):
             if getattr(self, _attr(name)) < 0:
                 raise ValueError(f"config '{name}' must be >= 0, got {getattr(self, _attr(name))}")
         for name in ("server-beta1", "server-beta2", "server-momentum", "distill-alpha"):
@@ -364,6 +376,10 @@ class RunConfig:
             )
         if not 0.0 <= self.trim_beta < 0.5:
             raise ValueError(f"config 'trim-beta' must be in [0, 0.5), got {self.trim_beta}")
+        if self.eval_dataset and not self.eval_examples:
+            raise ValueError(
+                f"config 'eval-dataset' is {self.eval_dataset!r} but 'eval-examples' is 0 "
+                "(evaluation off): set --eval-examples >= 1 or leave eval-dataset empty")
         self._check_robust_strategy()
         self._check_resume()
         self._check_privacy()
@@ -458,7 +474,16 @@ class RunConfig:
 
     @property
     def category_list(self) -> list[str]:
-        return [c.strip() for c in self.categories.split(",") if c.strip()]
+        """The categories to keep, with 'auto' resolved (empty: keep all)."""
+        categories = self.categories
+        if categories.strip() == "auto":
+            categories = WORDNET_CATEGORIES if self.dataset == BUILTIN_DATASET else ""
+        return [c.strip() for c in categories.split(",") if c.strip()]
+
+    @property
+    def evaluates(self) -> bool:
+        """False when evaluation is off ('eval-examples' 0): no held-out metrics."""
+        return self.eval_examples > 0
 
     @property
     def target_module_list(self) -> str | list[str]:

@@ -287,8 +287,10 @@ class RunData:
 
 def load_run_data(cfg: RunConfig, num_partitions: int) -> RunData:
     fmt = (cfg.data_format, cfg.text_column, cfg.label_column) if cfg.task == "classification" else cfg.data_format
-    return _load_run_data(cfg.dataset, fmt, cfg.categories, cfg.partitioner,
-                          cfg.partition_by, cfg.dirichlet_alpha, cfg.eval_examples,
+    # With an eval-dataset nothing is held out of the training data.
+    held_out = 0 if cfg.eval_dataset else cfg.eval_examples
+    return _load_run_data(cfg.dataset, fmt, ",".join(cfg.category_list), cfg.partitioner,
+                          cfg.partition_by, cfg.dirichlet_alpha, held_out,
                           cfg.validation_examples if cfg.early_stopping_patience else 0,
                           cfg.seed, num_partitions)
 
@@ -305,10 +307,7 @@ def _load_run_data(dataset, data_format, categories, partitioner, partition_by,
     wanted = [c.strip() for c in categories.split(",") if c.strip()]
     needs_column = partitioner in ("natural", "dirichlet") or wanted
     if needs_column and partition_by not in ds.column_names:
-        raise ValueError(
-            f"dataset '{dataset}' has no column '{partition_by}' (partition-by); "
-            "set --partition-by to an existing column or --partitioner iid --categories ''"
-        )
+        raise ValueError(missing_column_message(dataset, partition_by, partitioner, bool(wanted)))
     if wanted:
         present = set(ds.unique(partition_by))
         unknown = [c for c in wanted if c not in present]
@@ -341,6 +340,23 @@ def _load_run_data(dataset, data_format, categories, partitioner, partition_by,
             )
     return RunData(heldout=heldout, validation=validation, train_pool=pool, partitioner=part, fmt=fmt,
                    num_partitions=num_partitions)
+
+
+def missing_column_message(dataset: str, partition_by: str, partitioner: str,
+                           filters: bool) -> str:
+    """Why the partition column is needed, and the fix for each setting that needs it:
+    the natural and Dirichlet partitioners, and a category filter. A flag already
+    given (e.g. --partitioner iid) is never suggested again."""
+    uses, fixes = [], []
+    if partitioner in ("natural", "dirichlet"):
+        uses.append(f"the {partitioner} partitioner")
+        fixes.append("--partitioner iid")
+    if filters:
+        uses.append("the --categories filter")
+        fixes.append("--categories ''")
+    return (f"dataset '{dataset}' has no column '{partition_by}' (partition-by), which "
+            f"{' and '.join(uses)} need{'s' * (len(uses) == 1)}: set --partition-by to an "
+            f"existing column, or {' '.join(fixes)}")
 
 
 def _make_partitioner(kind, partition_by, alpha, seed, num_partitions):
@@ -510,8 +526,42 @@ def partition_examples(cfg: RunConfig, partition_id: int, num_partitions: int,
 
 @functools.lru_cache(maxsize=4)
 def heldout_examples(cfg: RunConfig, num_partitions: int, tokenizer) -> list[dict]:
+    """The server's evaluation examples, tokenized: the 'eval-dataset' records when one
+    is given, else the split held out of 'dataset'; none when evaluation is off."""
+    if cfg.eval_dataset:
+        load_run_data(cfg, num_partitions)  # the training data's checks, as without one
+        ds, fmt = eval_split(cfg)
+        if cfg.task == "classification":  # label ids as in training: the training pool's
+            return tokenize_classification(ds, fmt, class_labels(cfg), tokenizer, cfg.max_length)
+        return tokenize_dataset(ds, fmt, tokenizer, cfg.max_length)
     data = load_run_data(cfg, num_partitions)
+    if not cfg.evaluates:
+        return []
     return _tokenize(cfg, data, data.heldout, tokenizer)
+
+
+def eval_split(cfg: RunConfig):
+    """(records, format) of 'eval-dataset': shuffled with the run's seed, the first
+    'eval-examples' of them (all when it has fewer). Taken as given: no category filter,
+    and none of it is training data. Same sources, formats and checks as 'dataset'."""
+    return _eval_split(cfg.eval_dataset, _format_key(cfg), cfg.eval_examples, cfg.seed)
+
+
+def _format_key(cfg: RunConfig):
+    if cfg.task == "classification":
+        return (cfg.data_format, cfg.text_column, cfg.label_column)
+    return cfg.data_format
+
+
+@functools.lru_cache(maxsize=2)
+def _eval_split(source: str, data_format, eval_examples: int, seed: int):
+    ds = load_dataset_any(source)
+    if isinstance(data_format, tuple):
+        fmt = classification_format(ds.column_names, data_format[1], data_format[2], source)
+    else:
+        fmt = detect_format(ds.column_names, data_format, source)
+    ds = ds.shuffle(seed=seed)
+    return ds.select(range(min(eval_examples, len(ds)))), fmt
 
 
 def validation_examples(cfg: RunConfig, tokenizer) -> list[dict]:

@@ -71,6 +71,7 @@ def ensure_builtin_model() -> Path:
     """
     target = cache_dir() / "models" / BUILTIN_MODEL
     if (target / "config.json").exists():
+        _add_transformers4_keys_once(target)  # a folder converted before they were added
         return target
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
@@ -99,10 +100,25 @@ def ensure_builtin_model() -> Path:
         try:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+            from common.export import add_transformers4_keys
+
+            # adapters trained on it are loaded onto this folder elsewhere, maybe with
+            # transformers 4.x: its config must read the same there (common/export.py)
+            add_transformers4_keys(tmp)
             os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _add_transformers4_keys_once(folder: Path) -> None:
+    """Idempotent, and each file is replaced atomically: concurrent callers are safe."""
+    import json
+
+    if "rope_theta" not in json.loads((folder / "config.json").read_text()):
+        from common.export import add_transformers4_keys
+
+        add_transformers4_keys(folder)
 
 
 def load_tokenizer(name: str):

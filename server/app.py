@@ -100,9 +100,10 @@ class RoundHook:
         if self.offset and server_round == self.offset:
             return None  # Flower's "round 0" of a resumed run: that round is in the history
         set_adapter_state(self.model, arrays.to_torch_state_dict())
-        stats = evaluate(self.model, self.heldout, batch_size=self.cfg.eval_batch_size,
-                         pad_token_id=self.pad_id)
-        row = {"round": server_round, **stats.row()}
+        row: dict = {"round": server_round}
+        if self.heldout:  # empty: evaluation off (eval-examples 0), no eval columns
+            row.update(evaluate(self.model, self.heldout, batch_size=self.cfg.eval_batch_size,
+                                pad_token_id=self.pad_id).row())
         traffic, clients = getattr(self.strategy, "traffic", None), []
         if server_round > 0 and traffic is not None:
             clients = traffic.clients
@@ -125,8 +126,10 @@ class RoundHook:
             self.total_bytes += traffic.bytes_sent + traffic.bytes_received
             self.run.append_clients(clients)
             self.run.save_adapter(self.model, server_round)
-            if stats.loss < self.best_loss:  # round 0 (no training) is never "best"
-                self.best_loss = stats.loss
+            # round 0 (no training) is never "best"; without evaluation no round is
+            # (no `best` link: nothing measured which round is best)
+            if row.get("eval-loss", float("nan")) < self.best_loss:
+                self.best_loss = row["eval-loss"]
                 self.run.mark_best(server_round)
         row["mb-total"] = round(self.total_bytes / 1e6, 3)
         row["seconds"] = round(time.perf_counter() - self.started, 2)
@@ -144,6 +147,7 @@ class RoundHook:
         return MetricRecord({k: float(v) for k, v in row.items() if k != "round"})
 
 
+EVALUATION_OFF = "evaluation off"  # printed where a run without evaluation has no metrics
 _SHORT_NAMES = {"eval-perplexity": "ppl", "eval-token-accuracy": "token acc",
                "eval-accuracy": "acc", "eval-macro-f1": "macro-F1"}
 
@@ -168,8 +172,10 @@ def format_row(row: dict) -> str:
     metrics = " | ".join(f"{short} {row[key]:8.2f}" if key == "eval-perplexity"
                          else f"{short} {row[key]:.3f}"
                          for key, short in _SHORT_NAMES.items() if key in row)
+    evaluated = (f"eval loss {row['eval-loss']:7.4f} | {metrics}" if "eval-loss" in row
+                 else EVALUATION_OFF)
     line = (f"fedtune | round {row['round']:>3} | train loss {row.get('train-loss', float('nan')):7.4f}"
-            f" | eval loss {row['eval-loss']:7.4f} | {metrics}"
+            f" | {evaluated}"
             f" | sent {row.get('bytes-sent', 0) / 1e6:6.2f} MB"
             f" | recv {row.get('bytes-received', 0) / 1e6:6.2f} MB"
             f" | total {row.get('mb-total', 0):7.2f} MB | {row['seconds']:7.1f} s")

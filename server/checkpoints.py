@@ -89,6 +89,7 @@ class RunFolder:
         RUN_DIR/adapters/round-N/      global adapter after round N (PeftModel format)
         RUN_DIR/adapter -> adapters/round-N   the latest one (symlink, swapped atomically)
         RUN_DIR/best -> adapters/round-N      the lowest held-out eval loss so far
+                                       (none when evaluation is off: eval-examples 0)
         RUN_DIR/history.jsonl|.csv     one row per round (round 0 = before training)
         RUN_DIR/clients.jsonl          per-client train metrics per round
         RUN_DIR/run.log                what the server printed (round lines, summary)
@@ -247,7 +248,8 @@ class RunFolder:
         self._swap_link(self.latest_adapter, f"round-{server_round}")
         best_round, best_loss = None, float("inf")
         for row in (r for r in rows if r["round"] > 0):
-            if row["eval-loss"] < best_loss:  # the RoundHook's rule: NaN never wins
+            # the RoundHook's rule: NaN never wins, no eval-loss (evaluation off) neither
+            if row.get("eval-loss", float("nan")) < best_loss:
                 best_round, best_loss = row["round"], row["eval-loss"]
         if best_round is not None:
             self.mark_best(best_round)

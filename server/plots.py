@@ -31,14 +31,15 @@ def plot_run(run_dir: Path) -> list[Path]:
     out = run_dir / PLOTS_DIR
     out.mkdir(exist_ok=True)
     title = run_dir.resolve().name
-    paths = [
-        _loss(history, out / "loss.png", title),
-        # a classifier's history has accuracy and macro-F1 instead of perplexity
-        (_perplexity(history, out / "perplexity.png", title) if _series(history, "eval-perplexity")[0]
-         else _accuracy(history, out / "accuracy.png", title)),
-        _clients(clients, out / "clients.png", title),
-        _traffic(history, out / "traffic.png", title),
-    ]
+    paths = [_loss(history, out / "loss.png", title)]
+    # a classifier's history has accuracy and macro-F1 instead of perplexity; a run with
+    # evaluation off (eval-examples 0) neither
+    if _series(history, "eval-perplexity")[0]:
+        paths.append(_perplexity(history, out / "perplexity.png", title))
+    elif _series(history, "eval-accuracy")[0]:
+        paths.append(_accuracy(history, out / "accuracy.png", title))
+    paths += [_clients(clients, out / "clients.png", title),
+              _traffic(history, out / "traffic.png", title)]
     if _series(history, EPSILON)[0] or _series(history, CLIENT_EPSILON)[0]:  # DP runs only
         paths.append(_epsilon(history, out / "epsilon.png", title))
     return paths

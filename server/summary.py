@@ -7,6 +7,7 @@ calls it after its last round, so ``fedtune simulate`` and ``flwr run`` end alik
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shlex
@@ -42,53 +43,71 @@ def plot_after_run(run_dir: Path) -> None:
 
 
 def try_prompt(cfg: RunConfig) -> str:
-    """A prompt like the run's data: the first held-out one (the demo: a fixed word)."""
+    """A prompt like the run's data: the first evaluation one, else the first training
+    one when evaluation is off (the demo: a fixed word)."""
     from common.config import BUILTIN_DATASET
 
     if cfg.dataset == BUILTIN_DATASET:
         return TRY_PROMPT
     try:
-        from common.data import load_run_data, to_messages
+        from common.data import eval_split, load_run_data, to_messages
 
         data = load_run_data(cfg, cfg.num_clients)  # cached since preflight
-        return to_messages(data.heldout[0], data.fmt)[-2]["content"].splitlines()[0]
+        records, fmt = (eval_split(cfg) if cfg.eval_dataset else
+                        (data.heldout if len(data.heldout) else data.train_pool, data.fmt))
+        return to_messages(records[0], fmt)[-2]["content"].splitlines()[0]
     except Exception:  # noqa: BLE001 - a hint line is not worth failing the summary
         return "Hello"
 
 
 def print_summary(run_dir: Path, seconds: float, prompt: str = TRY_PROMPT) -> None:
-    """The table, the headline and a command to try the model; also kept in run.log."""
+    """The table, the headline and a command to try the model; also kept in run.log.
+    A run without evaluation (eval-examples 0) says so instead of printing metrics."""
+    from server.app import EVALUATION_OFF
     from server.checkpoints import RunFolder
 
     run = RunFolder(run_dir)
     history = run.history()
     first, last = history[0], history[-1]
-    best = min(history[1:] or history, key=lambda r: r["eval-loss"])
-    lm = "eval-perplexity" in first
-    columns = ({"eval-perplexity": "perplexity", "eval-token-accuracy": "token acc"} if lm
-               else {"eval-accuracy": "accuracy", "eval-macro-f1": "macro-F1"})
-    lines = ["", f"{'round':>5} {'train loss':>10} {'eval loss':>9} "
-                 + " ".join(f"{name:>10}" for name in columns.values())
-                 + f" {'MB sent':>8} {'MB recv':>8} {'MB total':>9}"]
+    task = json.loads((run_dir / "config.json").read_text()).get("task", "causal-lm")
+    evaluated = "eval-loss" in first
+    lm = task == "causal-lm"
+    metrics = {} if not evaluated else (
+        {"eval-perplexity": "perplexity", "eval-token-accuracy": "token acc"} if lm
+        else {"eval-accuracy": "accuracy", "eval-macro-f1": "macro-F1"})
+    header = [f"{'round':>5}", f"{'train loss':>10}"]
+    header += ([f"{'eval loss':>9}"] + [f"{name:>10}" for name in metrics.values()]
+               if evaluated else [])
+    lines = ["", " ".join(header + [f"{'MB sent':>8}", f"{'MB recv':>8}", f"{'MB total':>9}"])]
     for row in history:
-        lines.append(
-            f"{row['round']:>5} {row.get('train-loss', math.nan):>10.4f} {row['eval-loss']:>9.4f} "
-            + " ".join(f"{row[c]:>10.2f}" if c == "eval-perplexity" else f"{row[c]:>10.3f}"
-                       for c in columns)
-            + f" {row.get('bytes-sent', 0) / 1e6:>8.2f} {row.get('bytes-received', 0) / 1e6:>8.2f}"
-            + f" {row.get('mb-total', 0):>9.2f}")
-    if lm:
+        cells = [f"{row['round']:>5}", f"{row.get('train-loss', math.nan):>10.4f}"]
+        if evaluated:
+            cells.append(f"{row['eval-loss']:>9.4f}")
+            cells += [f"{row[c]:>10.2f}" if c == "eval-perplexity" else f"{row[c]:>10.3f}"
+                      for c in metrics]
+        cells += [f"{row.get('bytes-sent', 0) / 1e6:>8.2f}",
+                  f"{row.get('bytes-received', 0) / 1e6:>8.2f}", f"{row.get('mb-total', 0):>9.2f}"]
+        lines.append(" ".join(cells))
+    if not evaluated:
+        headline = (f"{EVALUATION_OFF} (eval-examples 0): no held-out metrics; train loss "
+                    f"{history[1]['train-loss'] if len(history) > 1 else math.nan:.4f} -> "
+                    f"{last.get('train-loss', math.nan):.4f}")
+    elif lm:
         drop = 1 - last["eval-perplexity"] / first["eval-perplexity"]
         headline = (f"held-out perplexity {first['eval-perplexity']:.2f} -> "
                     f"{last['eval-perplexity']:.2f} ({drop:.0%} lower)")
     else:
         headline = (f"held-out accuracy {first['eval-accuracy']:.3f} -> {last['eval-accuracy']:.3f}, "
                     f"macro-F1 {first['eval-macro-f1']:.3f} -> {last['eval-macro-f1']:.3f}")
+    if evaluated:
+        best = min(history[1:] or history, key=lambda r: r["eval-loss"])
+        best_text = f"best: {run_dir / 'best'} = round {best['round']}"
+    else:
+        best_text = f"no best: {EVALUATION_OFF}"
     lines += [
         "",
         f"{headline} after {last['round']} round{'s' * (last['round'] != 1)} in {seconds:.0f} s",
-        f"run folder: {run_dir}  (global adapter: {run_dir / 'adapter'}, "
-        f"best: {run_dir / 'best'} = round {best['round']})",
+        f"run folder: {run_dir}  (global adapter: {run_dir / 'adapter'}, {best_text})",
     ]
     if lm:
         lines.append(f"try it: {invoked_as()} generate --adapter {run_dir} "

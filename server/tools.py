@@ -31,8 +31,8 @@ EVALUATE_EXAMPLE = f"""examples:
   fedtune evaluate --adapter runs/my-classifier --json       # classifier: accuracy, macro-F1, confusion matrix
 
 defaults: --model is the run's model (else {BUILTIN_MODEL}); with a run folder and no
---dataset, the run's held-out split; else the first --eval-examples (96) records of
---dataset ({BUILTIN_DATASET}).
+--dataset, the run's evaluation data (its --eval-dataset, else its held-out split);
+else the first --eval-examples (96) records of --dataset ({BUILTIN_DATASET}).
 """
 GENERATE_EXAMPLE = f"""examples:
   fedtune generate --adapter runs/20261126-145844 --prompt "{TRY_PROMPT}"
@@ -68,12 +68,13 @@ def add_tool_parsers(sub) -> None:
                        formatter_class=HELP, epilog=EVALUATE_EXAMPLE, allow_abbrev=False)
     _add_model_arguments(p, adapter_required=False)
     p.add_argument("--dataset", default=None, metavar="SOURCE",
-                   help="dataset as in `simulate --dataset` (default: the run's held-out split, "
-                        f"else '{BUILTIN_DATASET}')")
+                   help="dataset as in `simulate --dataset` (default: the run's eval-dataset "
+                        f"or held-out split, else '{BUILTIN_DATASET}')")
     p.add_argument("--data-format", default=None, choices=("auto", "instruction", "chat"),
                    help="record format (default: the run's, else auto)")
     p.add_argument("--eval-examples", type=int, default=None, metavar="N",
-                   help="first N records of --dataset (default: 96)")
+                   help="first N records of --dataset, or of a run's shuffled eval-dataset "
+                        "(default: the run's eval-examples, else 96)")
     p.add_argument("--max-length", type=int, default=None, metavar="N",
                    help="token cap per example (default: the run's, else 96)")
     p.add_argument("--batch-size", type=int, default=None, metavar="N",
@@ -217,20 +218,32 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _evaluation_data(args: argparse.Namespace, loaded: Loaded):
-    """(config, tokenized examples, description): the run's held-out split when the
-    adapter comes from a run folder and no --dataset is given, else a file's first records."""
+    """(config, tokenized examples, description): for an adapter from a run folder and
+    no --dataset, the run's evaluation data (its eval-dataset, else its held-out split);
+    else the first records of --dataset."""
     from common.data import heldout_examples, leading_examples
 
     cfg, source = loaded.cfg, loaded.source
-    use_heldout = source is not None and source.run_cfg is not None and args.dataset is None
-    if use_heldout and args.eval_examples is not None:
-        raise ValueError(f"--eval-examples needs --dataset: the run's held-out split has its "
-                         f"own size ({cfg.eval_examples}); changing it would overlap training data")
+    use_run = source is not None and source.run_cfg is not None and args.dataset is None
+    if use_run and not cfg.eval_dataset:
+        if not cfg.evaluates:
+            raise ValueError("this run had evaluation off (eval-examples 0), so it holds no "
+                             "held-out split: give --dataset FILE (records it did not train on)")
+        if args.eval_examples is not None:
+            raise ValueError(f"--eval-examples needs --dataset: the run's held-out split has its "
+                             f"own size ({cfg.eval_examples}); changing it would overlap training data")
+    if args.eval_examples is not None and args.eval_examples < 1:
+        raise ValueError(f"--eval-examples must be >= 1, got {args.eval_examples}")
     changes = {"dataset": args.dataset, "data_format": args.data_format,
                "eval_examples": args.eval_examples, "max_length": args.max_length,
                "eval_batch_size": args.batch_size}
     cfg = cfg.replace(**{k: v for k, v in changes.items() if v is not None})
-    if use_heldout:
+    if not use_run:  # a file's first records: the run's own evaluation settings do not apply
+        cfg = cfg.replace(eval_dataset="", eval_examples=args.eval_examples or 96)
+    if use_run and cfg.eval_dataset:  # no overlap with training: any --eval-examples is fine
+        return (cfg, heldout_examples(cfg, cfg.num_clients, loaded.tokenizer),
+                f"the run's eval-dataset '{cfg.eval_dataset}'")
+    if use_run:
         return cfg, heldout_examples(cfg, cfg.num_clients, loaded.tokenizer), "the run's held-out split"
     return (cfg, leading_examples(cfg, loaded.tokenizer, labels=loaded.labels),
             f"first records of '{cfg.dataset}'")
