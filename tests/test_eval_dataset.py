@@ -9,7 +9,8 @@ import pytest
 from common.config import WORDNET_CATEGORIES, RunConfig
 from common.data import eval_split, heldout_examples, load_run_data
 from common.model import get_model
-from server.cli import main, print_summary
+from server.cli import main
+from server.summary import print_summary
 from tests.conftest import write_records
 from tests.test_centralized import _history
 from tests.test_cli import fedtune
