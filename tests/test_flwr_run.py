@@ -64,3 +64,7 @@ def test_flwr_run_completes_a_federation_with_algorithms_from_config(tiny_model_
     assert [row["round"] for row in history] == [0, 1, 2]
     assert all(row["clients"] == 2 for row in history[1:])
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
+    # the same end as `fedtune simulate`: summary lines in run.log, and the plots
+    log = (run_dir / "run.log").read_text()
+    assert "held-out perplexity" in log and f"run folder: {run_dir}" in log and "try it: " in log
+    assert {"loss.png", "perplexity.png"} <= {p.name for p in (run_dir / "plots").iterdir()}
