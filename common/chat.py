@@ -61,13 +61,21 @@ def render_pieces(messages: list[dict], tokenizer) -> list[tuple[str, bool, bool
     """The rendered dialogue as ``(text, is_content, trained)`` pieces, in order.
 
     ``is_content`` marks a message's own content, to be tokenized as plain text; the
-    other pieces are the template's markup. The template is rendered once with each
-    content replaced by a sentinel, which locates the contents exactly (a search for
-    the content could hit markup, e.g. content that is ``<|im_end|>``); the result is
-    checked against the real rendering. Raises ValueError when the template does not
-    render each prefix of the dialogue as a prefix of the whole, or changes content
-    that holds special-token text.
+    other pieces are the template's markup. When some content holds special-token
+    text, the template is rendered with each content replaced by a sentinel, which
+    locates the contents exactly (a search for the content could hit markup, e.g.
+    content that is ``<|im_end|>``), checked against the real rendering. Raises
+    ValueError when the template does not render each prefix of the dialogue as a
+    prefix of the whole, or changes content that holds special-token text.
     """
+    special = special_tokens(tokenizer)
+    if not any(isinstance(m.get("content"), str) and any(t in m["content"] for t in special)
+               for m in messages):
+        # no content could become a control token: the real rendering, split only where
+        # a label starts or ends, tokenizes as the whole text would (and costs the
+        # template renders of the plain prompt/response split)
+        full, cuts = _layout(messages, tokenizer)
+        return _merged([(full[a:b], False, t) for (a, t), (b, _) in zip(cuts, cuts[1:])])
     stand_ins = [{**m, "content": f"\ue000{i}\ue001"} if isinstance(m.get("content"), str) else m
                  for i, m in enumerate(messages)]
     full, cuts = _layout(stand_ins, tokenizer)
@@ -81,42 +89,50 @@ def render_pieces(messages: list[dict], tokenizer) -> list[tuple[str, bool, bool
             at = match.end()
         if end > at:
             pieces.append((full[at:end], False, trained))
-    real = _render(tokenizer, messages)
-    if "".join(text for text, _, _ in pieces) == real:
-        return [p for p in pieces if p[0]]
-    # the template changes content (e.g. trims it): locate turns on the real rendering,
-    # which is safe only when no content holds special-token text
-    for i, message in enumerate(messages):
-        if isinstance(message.get("content"), str) and _has_special(message["content"], tokenizer):
-            raise ValueError(
-                f"chat template problem: it does not render message {i}'s content as given, "
-                "so its text that looks like a special token cannot be kept as plain text: "
-                "use a template that renders content verbatim")
-    full, cuts = _layout(messages, tokenizer)
-    return [(full[a:b], False, t) for (a, t), (b, _) in zip(cuts, cuts[1:]) if b > a]
+    if "".join(text for text, _, _ in pieces) != _render(tokenizer, messages):
+        raise ValueError(
+            "chat template problem: it does not render message content as given (e.g. it "
+            "trims it), so content that looks like a special token cannot be kept as plain "
+            "text: use a template that renders content verbatim, or remove that text")
+    return _merged(pieces)
+
+
+def _merged(pieces: list[tuple[str, bool, bool]]) -> list[tuple[str, bool, bool]]:
+    """Adjacent markup pieces of the same training flag joined, empty ones dropped:
+    markup splits only where the label changes, as a whole-text tokenization would."""
+    out: list[tuple[str, bool, bool]] = []
+    for text, is_content, trained in pieces:
+        if not text:
+            continue
+        if out and not is_content and not out[-1][1] and out[-1][2] == trained:
+            out[-1] = (out[-1][0] + text, False, trained)
+        else:
+            out.append((text, is_content, trained))
+    return out
 
 
 def _layout(messages: list[dict], tokenizer) -> tuple[str, list[tuple[int, bool]]]:
     """The rendered dialogue and the character offsets where its pieces start, each
-    with whether that piece is trained; the last offset is the text's end."""
+    with whether that piece is trained; the last offset is the text's end. Only the
+    prefixes that bound an assistant turn are rendered: the other boundaries do not
+    change a label."""
     full = _render(tokenizer, messages)
-    cuts: list[tuple[int, bool]] = []
-    previous = ""
+    cuts: list[tuple[int, bool]] = [(0, False)]
+    previous = 0
     for i, message in enumerate(messages):
-        cuts.append((len(previous), False))
-        if message.get("role") == "assistant":
-            prompt = _render(tokenizer, messages[:i], generation_prompt=True)
-            _check_prefix(previous, prompt, full, i)
-            cuts.append((len(prompt), trains(message)))
+        if message.get("role") != "assistant":
+            continue
+        prompt = _render(tokenizer, messages[:i], generation_prompt=True)
         upto = full if i == len(messages) - 1 else _render(tokenizer, messages[:i + 1])
-        _check_prefix(previous, upto, full, i)
-        previous = upto
+        _check_prefix(prompt, upto, full, i, previous)
+        cuts += [(len(prompt), trains(message)), (len(upto), False)]
+        previous = len(upto)
     cuts.append((len(full), False))
     return full, cuts
 
 
-def _check_prefix(previous: str, text: str, full: str, index: int) -> None:
-    if not (text.startswith(previous) and full.startswith(text)):
+def _check_prefix(prompt: str, upto: str, full: str, index: int, previous: int) -> None:
+    if not (full.startswith(upto) and upto.startswith(prompt) and len(prompt) >= previous):
         raise ValueError(
             f"chat template problem: rendering the dialogue up to message {index} is not a "
             "prefix of rendering all of it, so the turns cannot be located: use a template "
@@ -130,12 +146,10 @@ def special_tokens(tokenizer) -> set[str]:
     return set(tokenizer.all_special_tokens) | {t.content for t in added.values() if t.special}
 
 
-def _has_special(text: str, tokenizer) -> bool:
-    return any(token in text for token in special_tokens(tokenizer))
-
-
-def _ids(tokenizer, text: str, *, plain: bool) -> list[int]:
-    return tokenizer(text, add_special_tokens=False, split_special_tokens=plain)["input_ids"]
+def _ids(tokenizer, texts: list[str], *, plain: bool) -> list[list[int]]:
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=False, split_special_tokens=plain)["input_ids"]
 
 
 def encode_chat(messages: list[dict], tokenizer, max_length: int, *,
@@ -150,10 +164,15 @@ def encode_chat(messages: list[dict], tokenizer, max_length: int, *,
     """
     if truncation not in TRUNCATION_POLICIES:
         raise ValueError(f"truncation '{truncation}' is not one of {TRUNCATION_POLICIES}")
+    pieces = render_pieces(messages, tokenizer)
+    # one batched call per kind: the per-call overhead of a fast tokenizer is most of
+    # its cost on pieces this short
+    encoded = {plain: iter(_ids(tokenizer, [t for t, c, _ in pieces if c == plain], plain=plain))
+               for plain in (False, True)}
     input_ids: list[int] = []
     labels: list[int] = []
-    for text, is_content, trained in render_pieces(messages, tokenizer):
-        ids = _ids(tokenizer, text, plain=is_content)
+    for _, is_content, trained in pieces:
+        ids = next(encoded[is_content])
         input_ids += ids
         labels += ids if trained else [IGNORE_INDEX] * len(ids)
     length = len(input_ids)

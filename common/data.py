@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -279,8 +280,11 @@ class RunData:
                 f"partition-id {partition_id} is outside 0..{self.num_partitions - 1}"
             )
         try:
-            part = self.partitioner.load_partition(partition_id)
-        except ValueError as err:  # flwr-datasets' Dirichlet: no draw met min_partition_size
+            with warnings.catch_warnings():  # one per failed Dirichlet draw: the error says it
+                warnings.filterwarnings("ignore", message=".*min_partition_size", category=UserWarning)
+                part = self.partitioner.load_partition(partition_id)
+        except (ValueError, IndexError) as err:  # Dirichlet: no draw met min_partition_size;
+            # IID: more partitions than records
             raise ValueError(f"partition {partition_id} cannot be drawn ({_first_line(err)}): "
                              "raise --dirichlet-alpha, use fewer --num-clients, or "
                              "--partitioner iid") from None

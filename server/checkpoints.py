@@ -141,6 +141,10 @@ class RunFolder:
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".round-{server_round}-"))
         try:
             model.save_pretrained(tmp)
+            if getattr(model, "fedtune_model_name", None):
+                from common.model import record_adapter_base
+
+                record_adapter_base(tmp, model.fedtune_model_name)
             share_folder(tmp)
             if final.exists():
                 shutil.rmtree(final)

@@ -1,0 +1,70 @@
+"""Before any process starts: partitions that cannot train stop the run; at run time a
+round that aggregated nothing is never `best`; adapters are portable."""
+
+import json
+import os
+import stat
+from types import SimpleNamespace
+
+import pytest
+from flwr.app import ArrayRecord
+
+from common.data import heldout_examples
+from common.model import BUILTIN_MODEL_HUB_ID, adapter_state, get_model, load_tokenizer
+from server import cli
+from server.app import RoundHook
+from server.checkpoints import RunFolder
+from server.strategies import RoundTraffic
+
+
+def _no_simulation(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the simulation (Ray) was started")
+    monkeypatch.setattr(cli.subprocess, "Popen", refuse)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--partitioner", "dirichlet", "--dirichlet-alpha", "0.001", "--num-clients", "10"],
+     "cannot be drawn"),
+    (["--partitioner", "iid", "--num-clients", "60"], "use fewer --num-clients"),
+    (["--partitioner", "iid", "--num-clients", "2", "--max-length", "12"],
+     "held-out: no usable records (8 records: 0 kept, 0 truncated, 8 dropped"),
+])
+def test_partitions_that_cannot_train_exit_2_before_ray(tiny_cfg, monkeypatch, capsys, tmp_path,
+                                                         flags, message):
+    _no_simulation(monkeypatch)
+    run_dir = tmp_path / "never"
+    code = cli.main(["simulate", "--model", tiny_cfg.model, "--dataset", tiny_cfg.dataset,
+                     "--categories", "", "--eval-examples", "8", "--run-dir", str(run_dir), *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and message in err[0], err
+    assert not run_dir.exists()
+
+
+def test_a_round_that_aggregated_nothing_is_never_best(tiny_cfg):
+    cfg = tiny_cfg
+    run = RunFolder.create(cfg)
+    model, tokenizer = get_model(cfg), load_tokenizer(cfg.model)
+    strategy = SimpleNamespace(traffic=None)
+    hook = RoundHook(cfg, run, model, tokenizer, heldout_examples(cfg, cfg.num_clients, tokenizer),
+                     strategy)
+    hook(0, ArrayRecord(adapter_state(model)))
+    strategy.traffic = RoundTraffic(replies=0, failures=2, aggregated=False)
+    hook(1, ArrayRecord(adapter_state(model)))
+    assert not (run.path / "best").exists()
+    assert "no round aggregated" in cli.no_round_aggregated(run.path)
+
+
+def test_adapters_are_portable_and_readable(tiny_cfg, monkeypatch):
+    model = get_model(tiny_cfg)
+    run = RunFolder.create(tiny_cfg)
+    folder = run.save_adapter(model, 1)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == tiny_cfg.model  # a local path, as given
+    assert stat.S_IMODE(os.stat(folder).st_mode) == 0o755
+    assert {stat.S_IMODE(os.stat(p).st_mode) for p in folder.iterdir()} == {0o644}
+    monkeypatch.setattr(model, "fedtune_model_name", "smollm2-135m-instruct")
+    folder = run.save_adapter(model, 2)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == BUILTIN_MODEL_HUB_ID
