@@ -27,7 +27,7 @@ def add_data_parser(sub, add_config_arguments) -> None:
                     "with their trained tokens marked ([[ ]], or green in a terminal).")
     data.add_argument("--show", type=int, default=3, metavar="N",
                       help="examples to show, in file order (default: 3)")
-    data.add_argument("--json", action="store_true", help="print one JSON object instead")
+    data.add_argument("--json", action="store_true", help="print one JSON object instead (default: text)")
     add_config_arguments(data)
     data.set_defaults(run=data_command)
 
