@@ -224,9 +224,10 @@ def _chat_messages(messages: Any) -> list[dict[str, str]]:
         if message["role"] in ("user", "assistant") and not content.strip():
             raise ValueError(f"message {i} ({message['role']}) is blank: give it text or "
                              "remove the record")
-        if "train" in message and not isinstance(message["train"], bool):
+        # None: the key is absent (Arrow gives every message of a file the same keys)
+        if message.get("train") is not None and not isinstance(message["train"], bool):
             raise ValueError(f"message {i} 'train' must be true or false")
-        if "weight" in message and message["weight"] not in (0, 1):
+        if message.get("weight") is not None and message["weight"] not in (0, 1):
             raise ValueError(f"message {i} 'weight' must be 0 or 1")
     if messages[-1]["role"] != "assistant":
         raise ValueError("a chat record must end with an assistant message")
@@ -444,7 +445,7 @@ def tokenize_records(ds, fmt: str, tokenizer, max_length: int, *, truncation: st
             if on_bad_record != "skip":
                 label = f"dataset {where}" if where.startswith("'") else where
                 raise ValueError(f"{label}: {err}") from None
-            log.warning("skipped %s: %s", where, err)
+            log.info("skipped %s: %s", where, err)  # the run's run.log lists each
             stats.skipped.append((where, str(err)))
             continue
         stats.records += 1

@@ -30,7 +30,8 @@ class DataReport:
     def lines(self) -> list[str]:
         out = [f"{name}: {stats.line()}" for name, stats in self.splits.items()]
         if self.skipped:
-            out.append(f"{len(self.skipped)} records skipped (see run.log)")
+            n = len(self.skipped)
+            out.append(f"{n} record{'s' if n != 1 else ''} skipped (see run.log)")
         return out
 
     def to_json(self) -> dict:

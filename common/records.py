@@ -112,7 +112,7 @@ def check_records(ds, fmt: str, on_bad_record: str, to_messages) -> tuple[Any, t
                 where = record.get(WHERE, f"record {index}")
                 if on_bad_record == "error":
                     raise ValueError(f"dataset {where}: {err} (or --on-bad-record skip)") from None
-                log.warning("skipped %s: %s", where, err)
+                log.info("skipped %s: %s", where, err)  # the run's run.log lists each
                 bad.append(index)
                 skipped.append((where, str(err)))
             index += 1

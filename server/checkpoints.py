@@ -296,7 +296,8 @@ def record_data_stats(run: "RunFolder") -> None:
         run.log(f"fedtune: {truncated} examples truncated, {dropped} dropped at max-length "
                 "(see run.log, data-stats.json)")
     if report["skipped"]:
-        run.log(f"fedtune: {len(report['skipped'])} records skipped (see run.log)")
+        n = len(report["skipped"])
+        run.log(f"fedtune: {n} record{'s' if n != 1 else ''} skipped (see run.log)")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
