@@ -400,11 +400,12 @@ def tokenize_classification(ds, fmt: str, labels: list[str], tokenizer,
     examples = []
     for index, record in enumerate(ds):
         text, label = record[text_column], str(record[label_column])
+        where = f"dataset {record[WHERE]}" if WHERE in record else f"record {index}"
         if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"record {index}: empty or missing '{text_column}'")
+            raise ValueError(f"{where}: empty or missing '{text_column}'")
         if label not in ids:
             raise ValueError(
-                f"record {index}: label {label!r} is not among the {len(ids)} labels seen in "
+                f"{where}: label {label!r} is not among the {len(ids)} labels seen in "
                 "training; every held-out label must also occur in the training data"
             )
         enc = tokenizer(text, truncation=True, max_length=max_length)

@@ -68,3 +68,17 @@ def test_adapters_are_portable_and_readable(tiny_cfg, monkeypatch):
     folder = run.save_adapter(model, 2)
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == BUILTIN_MODEL_HUB_ID
+
+
+def test_fedtune_data_json_counts_and_marks_the_trained_spans(tiny_cfg, capsys):
+    code = cli.main(["data", "--model", tiny_cfg.model, "--dataset", tiny_cfg.dataset,
+                     "--categories", "", "--partitioner", "iid", "--num-clients", "2",
+                     "--eval-examples", "8", "--max-length", "64", "--show", "2", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert sorted(out["splits"]) == ["client 0", "client 1", "held-out"]
+    assert sum(s["records"] for s in out["splits"].values()) == 60
+    first = out["examples"][0]
+    assert first["where"] == f"'{tiny_cfg.dataset}' line 1" and first["status"] == "kept"
+    assert first["text"].endswith("[[Item 0 belongs to alpha and number 0.<|im_end|>\n]]")
+    assert "Name item 0 of group alpha." in first["text"].split("[[")[0]
