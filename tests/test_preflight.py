@@ -82,3 +82,25 @@ def test_fedtune_data_json_counts_and_marks_the_trained_spans(tiny_cfg, capsys):
     assert first["where"] == f"'{tiny_cfg.dataset}' line 1" and first["status"] == "kept"
     assert first["text"].endswith("[[Item 0 belongs to alpha and number 0.<|im_end|>\n]]")
     assert "Name item 0 of group alpha." in first["text"].split("[[")[0]
+
+
+def test_the_run_folder_records_the_preflight_counts(tiny_cfg, monkeypatch, capsys):
+    from common.datacheck import DataReport
+    from common.records import DataStats
+    from server.checkpoints import DATA_STATS_ENV, record_data_stats
+
+    report = DataReport(splits={"held-out": DataStats(records=3, kept=2, dropped=1,
+                                                      dropped_reasons=[("'f' line 2", "too long")],
+                                                      lengths=[5, 7])},
+                        skipped=(("'f' line 9", "blank"), ("'f' line 11", "blank")))
+    monkeypatch.setenv(DATA_STATS_ENV, json.dumps(report.to_json()))
+    run = RunFolder.create(tiny_cfg)
+    record_data_stats(run)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == ["fedtune: 0 examples truncated, 1 dropped at max-length (see run.log, "
+                       "data-stats.json)", "fedtune: 2 records skipped (see run.log)"]
+    log = (run.path / "run.log").read_text()
+    assert "data | skipped 'f' line 9: blank" in log and "data | skipped 'f' line 11: blank" in log
+    assert "data | held-out: dropped 'f' line 2: too long" in log
+    saved = json.loads((run.path / "data-stats.json").read_text())
+    assert saved["splits"]["held-out"]["tokens-median"] == 6

@@ -134,6 +134,9 @@ def test_truncation_counts_are_exact(tmp_path, tokenizer):
                                        truncation="keep-start")
     assert (len(examples), stats.kept, stats.truncated, stats.dropped) == (10, 7, 3, 0)
     assert max(len(e["input_ids"]) for e in examples) == limit
-    prompt_only = lengths[0] - 3  # cuts inside the shortest answer's prompt? no: its answer
-    _, stats = tokenize_records(ds, "instruction", tokenizer, prompt_only, truncation="keep-start")
-    assert stats.truncated + stats.dropped == 10
+    # a limit inside the (shared) prompt leaves no trained token: dropped under both
+    prompt_len = next(i for i, t in enumerate(examples[0]["labels"]) if t != -100)
+    for policy in ("drop", "keep-start"):
+        examples, stats = tokenize_records(ds, "instruction", tokenizer, prompt_len,
+                                           truncation=policy, require=False)
+        assert (examples, stats.dropped) == ([], 10)
