@@ -10,9 +10,12 @@ end-of-turn marker. A template that renders an earlier prefix differently once l
 turns exist (some strip reasoning from past turns) cannot be split this way and is
 refused.
 
-Message content is tokenized with ``split_special_tokens=True``, so text such as
-``<|im_end|>`` inside an answer stays plain text; only the template's own markers
-become control tokens.
+Message content that holds special-token text (``<|im_end|>`` inside an answer) is
+located exactly and tokenized with ``split_special_tokens=True``, so it stays plain
+text; only the template's own markers become control tokens. Content without such
+text tokenizes the same either way, so it takes the cheaper path of the plain
+rendering, split only where a label starts or ends: a single-turn record gets exactly
+the ids of the former prompt/response split (tests/test_chat.py checks it).
 """
 
 from __future__ import annotations
