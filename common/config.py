@@ -44,6 +44,8 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
 TRANSPORT_DTYPES = ("float32", "float16", "bfloat16")
 DATA_FORMATS = ("auto", "instruction", "chat")
+TRUNCATIONS = ("drop", "keep-start")
+ON_BAD_RECORDS = ("error", "skip")
 # Client-level DP (server/privacy.py): Flower's strategy wrappers and mods.
 CLIENT_DP_MODES = ("off", "server-fixed", "client-fixed", "server-adaptive",
                    "client-adaptive", "local")
@@ -133,6 +135,18 @@ class RunConfig:
         default="",
     )
     max_length: int = _opt("Token cap per example (prompt + response).", default=96)
+    truncation: str = _opt(
+        f"One of {TRUNCATIONS}: what becomes of an example longer than max-length. 'drop' "
+        "leaves it out, 'keep-start' trains its first max-length tokens (its answer cut, "
+        "without its end-of-turn marker); both are counted in run.log and data-stats.json.",
+        default="drop",
+    )
+    on_bad_record: str = _opt(
+        f"One of {ON_BAD_RECORDS}: a bad record (missing or blank field, wrong type) stops "
+        "the run naming its file and line ('error'), or is left out, logged and counted "
+        "('skip').",
+        default="error",
+    )
     # --- local training ----------------------------------------------------------
     lr: float = _opt("Peak AdamW learning rate.", default=1e-3)
     lr_schedule: str = _opt(
@@ -319,6 +333,8 @@ class RunConfig:
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("transport-dtype", self.transport_dtype, TRANSPORT_DTYPES)
         _check_choice("data-format", self.data_format, DATA_FORMATS)
+        _check_choice("truncation", self.truncation, TRUNCATIONS)
+        _check_choice("on-bad-record", self.on_bad_record, ON_BAD_RECORDS)
         _check_choice("partitioner", self.partitioner, PARTITIONERS)
         _check_choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
         _check_choice("strategy", self.strategy, STRATEGIES)

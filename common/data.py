@@ -1,8 +1,9 @@
 """Records in, token batches out: sources, formats, partitions, tokenisation, collate.
 
 Records are instruction (Alpaca: instruction/input/output) or chat (``messages``);
-both are rendered with the tokenizer's chat template and only the response tokens
-carry a label, so the loss never rewards predicting the prompt.
+both are rendered with the tokenizer's chat template and only assistant turns carry a
+label (every one of a chat, see ``common/chat.py``), so the loss never rewards
+predicting the prompt. Every record keeps where it came from (``common/records.py``).
 """
 
 from __future__ import annotations
@@ -10,17 +11,20 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
+from common.chat import IGNORE_INDEX, encode_chat, trains
 from common.config import BUILTIN_DATASET, RunConfig
+from common.records import (
+    WHERE, DataStats, check_records, first_type_clash, read_csv_rows, read_text, with_where,
+)
 
 log = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
 WORDNET_DIR = Path("/usr/share/wordnet")
 # WordNet 3.0's lexicographer files, indexed by the lex_filenum field of data.* lines
 # (the 'lexnames' file, which Debian's wordnet-base does not ship).
@@ -76,7 +80,7 @@ def load_dataset_any(source: str):
     import datasets
 
     if source == BUILTIN_DATASET:
-        return datasets.Dataset.from_list(wordnet_records())
+        return with_where(datasets.Dataset.from_list(wordnet_records()), "built-in WordNet", "record")
     path = Path(source).expanduser()
     if path.is_dir():
         try:
@@ -85,7 +89,7 @@ def load_dataset_any(source: str):
             raise ValueError(
                 f"dataset folder '{source}' is not a datasets.save_to_disk folder: {err}"
             ) from None
-        return ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
+        return with_where(ds["train"] if isinstance(ds, datasets.DatasetDict) else ds, f"'{source}'")
     if path.suffix in _FILE_SUFFIXES:
         if not path.exists():
             raise FileNotFoundError(f"dataset file '{source}' does not exist")
@@ -96,12 +100,13 @@ def load_dataset_any(source: str):
             ".parquet or a datasets.save_to_disk folder"
         )
     try:
-        return datasets.load_dataset(source, split="train")
+        ds = datasets.load_dataset(source, split="train")
     except Exception as err:  # the Hub raises many types; the message is what matters
         raise ValueError(
             f"cannot load dataset '{source}' from the Hub: {str(err).splitlines()[0]}; check "
             "the name, or without the Hub give a file or a datasets.save_to_disk folder"
         ) from None
+    return with_where(ds, f"'{source}'")
 
 
 def _load_file(path: Path):
@@ -110,39 +115,35 @@ def _load_file(path: Path):
     if path.stat().st_size == 0:
         raise ValueError(f"dataset file '{path}' is empty")
     kind = _FILE_SUFFIXES[path.suffix]
-    if kind == "json":
-        rows = _read_json_rows(path)
+    if kind in ("json", "csv"):
+        rows = _read_json_rows(path) if kind == "json" else read_csv_rows(path)
         try:
             ds = datasets.Dataset.from_list(rows)
         except UnicodeEncodeError:  # json.loads keeps escapes like "\ud800"; Arrow cannot
             raise ValueError(f"dataset file '{path}' holds a string with a lone surrogate "
                              "escape (e.g. \\ud800), which is not text: fix the escape") from None
         except (ValueError, TypeError, OverflowError) as err:  # pyarrow: mixed types per field
-            raise ValueError(f"dataset file '{path}' does not fit one table "
-                             f"({_first_line(err)}): give each field one type in every record") from None
+            where = first_type_clash(rows) or f"dataset file '{path}' ({_first_line(err)})"
+            raise ValueError(f"{where}: give each field one type in every record") from None
         if len(ds) == 0:  # also [{}]: Arrow makes a table of no rows and no columns
             raise ValueError(f"dataset file '{path}' holds no records")
         return ds
     try:
-        builder = "csv" if kind == "csv" else "parquet"
-        return datasets.load_dataset(builder, data_files=str(path), split="train")
+        ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
     except Exception as err:
         raise ValueError(f"dataset file '{path}' cannot be read: {str(err).splitlines()[0]}") from None
+    return with_where(ds, f"'{path}'", "row")
 
 
 def _read_json_rows(path: Path) -> list[dict[str, Any]]:
-    try:  # utf-8-sig: editors on Windows write a byte order mark
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"dataset file '{path}' is not UTF-8 (byte {err.start}: "
-                         f"{err.reason})") from None
+    text = read_text(path)
     if path.suffix == ".json":
         data = _parse_json(text, f"dataset file '{path}'")
         if isinstance(data, dict):
             data = next((v for v in data.values() if isinstance(v, list)), None)
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
             raise ValueError(f"dataset file '{path}' must hold a list of objects")
-        return data
+        return [{**row, WHERE: f"'{path}' index {i}"} for i, row in enumerate(data)]
     rows = []
     # split on "\n" only: str.splitlines() also splits at U+2028 and other breaks that
     # JSON allows raw inside a string, and would cut such a record in two
@@ -152,7 +153,7 @@ def _read_json_rows(path: Path) -> list[dict[str, Any]]:
         row = _parse_json(line, f"dataset file '{path}' line {lineno}")
         if not isinstance(row, dict):
             raise ValueError(f"dataset file '{path}' line {lineno} is not a JSON object")
-        rows.append(row)
+        rows.append({**row, WHERE: f"'{path}' line {lineno}"})
     return rows
 
 
@@ -171,6 +172,7 @@ def _first_line(err: Exception) -> str:
 
 # --- formats -------------------------------------------------------------------------
 def detect_format(columns: list[str], requested: str, source: str) -> str:
+    columns = [c for c in columns if c != WHERE]
     if requested == "auto":
         if "messages" in columns:
             return "chat"
@@ -190,10 +192,12 @@ def detect_format(columns: list[str], requested: str, source: str) -> str:
 
 
 def to_messages(record: Any, fmt: str) -> list[dict[str, str]]:
-    """One record as chat messages; the last message is the response to learn.
+    """One record as chat messages. Every assistant message is a response to learn
+    (one for an instruction record); the last message must be one.
 
-    A record of the wrong shape raises one ValueError saying what is wrong: records
-    come from users' files, so any JSON value may sit in any field.
+    A record of the wrong shape raises one ValueError saying what is wrong and how to
+    fix it: records come from users' files, so any JSON value may sit in any field.
+    Blank (empty or whitespace-only) prompts and responses are refused in both formats.
     """
     if not isinstance(record, dict):
         raise ValueError(f"a record must be an object, got {type(record).__name__}")
@@ -216,9 +220,20 @@ def _chat_messages(messages: Any) -> list[dict[str, str]]:
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise ValueError(f"message {i} must be an object with a string 'role' and 'content'")
-        _text(message.get("content"), f"message {i} content", scalar=False)
+        content = _text(message.get("content"), f"message {i} content", scalar=False)
+        if message["role"] in ("user", "assistant") and not content.strip():
+            raise ValueError(f"message {i} ({message['role']}) is blank: give it text or "
+                             "remove the record")
+        # None: the key is absent (Arrow gives every message of a file the same keys)
+        if message.get("train") is not None and not isinstance(message["train"], bool):
+            raise ValueError(f"message {i} 'train' must be true or false")
+        if message.get("weight") is not None and message["weight"] not in (0, 1):
+            raise ValueError(f"message {i} 'weight' must be 0 or 1")
     if messages[-1]["role"] != "assistant":
         raise ValueError("a chat record must end with an assistant message")
+    if not any(trains(m) for m in messages):
+        raise ValueError("every assistant message of the record is opted out ('train': false "
+                         "or 'weight': 0): nothing to learn")
     return messages  # as given: a template may use more keys than role and content
 
 
@@ -239,24 +254,11 @@ def _text(value: Any, name: str, *, scalar: bool = True) -> str:
     return value
 
 
-def tokenize_example(messages: list[dict[str, str]], tokenizer, max_length: int) -> dict | None:
-    """Token ids with labels on the final response only (prompt tokens get -100)."""
-    try:  # a template may reject a role or an order it does not know (jinja raises)
-        prompt_text = tokenizer.apply_chat_template(
-            messages[:-1], tokenize=False, add_generation_prompt=True
-        )
-        full_text = tokenizer.apply_chat_template(messages, tokenize=False)
-    except Exception as err:  # noqa: BLE001 - jinja, ValueError, TypeError: one message
-        raise ValueError(f"the chat template cannot render it: {_first_line(err)}") from None
-    if not full_text.startswith(prompt_text):
-        raise ValueError("chat template does not render the prompt as a prefix of the dialogue")
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
-    input_ids = (prompt_ids + response_ids)[:max_length]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
-    if all(label == IGNORE_INDEX for label in labels):
-        return None  # prompt alone fills max_length: nothing to learn from
-    return {"input_ids": input_ids, "labels": labels}
+def tokenize_example(messages: list[dict[str, str]], tokenizer, max_length: int, *,
+                     truncation: str = "drop") -> dict | None:
+    """Token ids with labels on every trained assistant turn (content and end-of-turn
+    marker), -100 elsewhere; None when dropped (see :func:`common.chat.encode_chat`)."""
+    return encode_chat(messages, tokenizer, max_length, truncation=truncation).example
 
 
 # --- the data of one run ---------------------------------------------------------------
@@ -271,17 +273,27 @@ class RunData:
     partitioner: Any
     fmt: str
     num_partitions: int
+    skipped: tuple = ()  # bad records left out under on-bad-record 'skip': (where, reason)
 
     def partition(self, partition_id: int, max_examples: int = 0):
         if not 0 <= partition_id < self.num_partitions:
             raise ValueError(
                 f"partition-id {partition_id} is outside 0..{self.num_partitions - 1}"
             )
-        part = self.partitioner.load_partition(partition_id)
+        try:
+            with warnings.catch_warnings():  # one per failed Dirichlet draw: the error says it
+                warnings.filterwarnings("ignore", message=".*min_partition_size", category=UserWarning)
+                part = self.partitioner.load_partition(partition_id)
+        except (ValueError, IndexError) as err:  # Dirichlet: no draw met min_partition_size;
+            # IID: more partitions than records
+            raise ValueError(f"partition {partition_id} cannot be drawn ({_first_line(err)}): "
+                             "raise --dirichlet-alpha, use fewer --num-clients, or "
+                             "--partitioner iid") from None
         if max_examples and len(part) > max_examples:
             part = part.select(range(max_examples))
         if len(part) == 0:
-            raise ValueError(f"partition {partition_id} is empty: use fewer clients")
+            raise ValueError(f"partition {partition_id} is empty: use fewer --num-clients "
+                             "(or a higher --dirichlet-alpha)")
         return part
 
 
@@ -292,18 +304,19 @@ def load_run_data(cfg: RunConfig, num_partitions: int) -> RunData:
     return _load_run_data(cfg.dataset, fmt, ",".join(cfg.category_list), cfg.partitioner,
                           cfg.partition_by, cfg.dirichlet_alpha, held_out,
                           cfg.validation_examples if cfg.early_stopping_patience else 0,
-                          cfg.seed, num_partitions)
+                          cfg.seed, num_partitions, cfg.on_bad_record)
 
 
 @functools.lru_cache(maxsize=4)
 def _load_run_data(dataset, data_format, categories, partitioner, partition_by,
                    dirichlet_alpha, eval_examples, validation_examples, seed,
-                   num_partitions) -> RunData:
+                   num_partitions, on_bad_record="error") -> RunData:
     ds = load_dataset_any(dataset)
     if isinstance(data_format, tuple):  # classification: (format, text column, label column)
         fmt = classification_format(ds.column_names, data_format[1], data_format[2], dataset)
     else:
         fmt = detect_format(ds.column_names, data_format, dataset)
+    ds, skipped = check_records(ds, fmt, on_bad_record, to_messages)  # in file order
     wanted = [c.strip() for c in categories.split(",") if c.strip()]
     needs_column = partitioner in ("natural", "dirichlet") or wanted
     if needs_column and partition_by not in ds.column_names:
@@ -339,7 +352,7 @@ def _load_run_data(dataset, data_format, categories, partitioner, partition_by,
                 "--categories"
             )
     return RunData(heldout=heldout, validation=validation, train_pool=pool, partitioner=part, fmt=fmt,
-                   num_partitions=num_partitions)
+                   num_partitions=num_partitions, skipped=skipped)
 
 
 def missing_column_message(dataset: str, partition_by: str, partitioner: str,
@@ -377,6 +390,7 @@ def _make_partitioner(kind, partition_by, alpha, seed, num_partitions):
 def classification_format(columns: list[str], text_column: str, label_column: str,
                           source: str) -> str:
     """'classification:<text column>:<label column>', after checking both exist."""
+    columns = [c for c in columns if c != WHERE]
     if text_column == "auto":
         text_column = next((c for c in ("text", "output") if c in columns), "text")
     for kind, column in (("text-column", text_column), ("label-column", label_column)):
@@ -402,11 +416,12 @@ def tokenize_classification(ds, fmt: str, labels: list[str], tokenizer,
     examples = []
     for index, record in enumerate(ds):
         text, label = record[text_column], str(record[label_column])
+        where = f"dataset {record[WHERE]}" if WHERE in record else f"record {index}"
         if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"record {index}: empty or missing '{text_column}'")
+            raise ValueError(f"{where}: empty or missing '{text_column}'")
         if label not in ids:
             raise ValueError(
-                f"record {index}: label {label!r} is not among the {len(ids)} labels seen in "
+                f"{where}: label {label!r} is not among the {len(ids)} labels seen in "
                 "training; every held-out label must also occur in the training data"
             )
         enc = tokenizer(text, truncation=True, max_length=max_length)
@@ -416,23 +431,55 @@ def tokenize_classification(ds, fmt: str, labels: list[str], tokenizer,
     return examples
 
 
-def tokenize_dataset(ds, fmt: str, tokenizer, max_length: int) -> list[dict]:
+def tokenize_dataset(ds, fmt: str, tokenizer, max_length: int, *,
+                     truncation: str = "drop", on_bad_record: str = "error") -> list[dict]:
+    """The trainable examples of ``ds`` (see :func:`tokenize_records`)."""
+    return tokenize_records(ds, fmt, tokenizer, max_length, truncation=truncation,
+                            on_bad_record=on_bad_record)[0]
+
+
+def tokenize_records(ds, fmt: str, tokenizer, max_length: int, *, truncation: str = "drop",
+                     on_bad_record: str = "error",
+                     require: bool = True) -> tuple[list[dict], DataStats]:
+    """Chat/instruction records as examples, and what became of each (``DataStats``).
+
+    A record the template cannot render is an error naming its file and line, or under
+    ``on_bad_record='skip'`` a skipped record. ``require``: raise when no example is
+    left, with the counts and the fix.
+    """
     if tokenizer.chat_template is None:
         raise ValueError(
             "the model's tokenizer has no chat template: fedtune renders records with it; "
             "use an instruct/chat model (or --task classification for an encoder)"
         )
-    examples = []
+    examples, stats = [], DataStats()
     for index, record in enumerate(ds):
+        where = record.get(WHERE, f"record {index}") if isinstance(record, dict) else f"record {index}"
         try:
-            example = tokenize_example(to_messages(record, fmt), tokenizer, max_length)
+            encoded = encode_chat(to_messages(record, fmt), tokenizer, max_length,
+                                  truncation=truncation)
         except (ValueError, TypeError, KeyError, AttributeError) as err:
-            raise ValueError(f"record {index}: {err}") from None
-        if example is not None:
-            examples.append(example)
-    if not examples:
-        raise ValueError(f"no usable records: every prompt exceeds max-length {max_length}")
-    return examples
+            if on_bad_record != "skip":
+                label = f"dataset {where}" if where.startswith("'") else where
+                raise ValueError(f"{label}: {err}") from None
+            log.info("skipped %s: %s", where, err)  # the run's run.log lists each
+            stats.skipped.append((where, str(err)))
+            continue
+        stats.records += 1
+        if encoded.example is None:
+            stats.dropped += 1
+            stats.dropped_reasons.append((where, encoded.reason))
+            continue
+        stats.kept += encoded.status == "kept"
+        stats.truncated += encoded.status == "truncated"
+        stats.lengths.append(len(encoded.example["input_ids"]))
+        examples.append(encoded.example)
+    if require and not examples:
+        raise ValueError(
+            f"no usable records ({stats.line()}): every example is longer than max-length "
+            f"{max_length} or has no trained token within it; raise --max-length or use "
+            "--truncation keep-start")
+    return examples, stats
 
 
 # --- batches -------------------------------------------------------------------------
@@ -533,7 +580,8 @@ def heldout_examples(cfg: RunConfig, num_partitions: int, tokenizer) -> list[dic
         ds, fmt = eval_split(cfg)
         if cfg.task == "classification":  # label ids as in training: the training pool's
             return tokenize_classification(ds, fmt, class_labels(cfg), tokenizer, cfg.max_length)
-        return tokenize_dataset(ds, fmt, tokenizer, cfg.max_length)
+        return tokenize_dataset(ds, fmt, tokenizer, cfg.max_length, truncation=cfg.truncation,
+                                on_bad_record=cfg.on_bad_record)
     data = load_run_data(cfg, num_partitions)
     if not cfg.evaluates:
         return []
@@ -572,7 +620,8 @@ def validation_examples(cfg: RunConfig, tokenizer) -> list[dict]:
 def _tokenize(cfg: RunConfig, data: RunData, ds, tokenizer) -> list[dict]:
     if cfg.task == "classification":
         return tokenize_classification(ds, data.fmt, class_labels(cfg), tokenizer, cfg.max_length)
-    return tokenize_dataset(ds, data.fmt, tokenizer, cfg.max_length)
+    return tokenize_dataset(ds, data.fmt, tokenizer, cfg.max_length, truncation=cfg.truncation,
+                            on_bad_record=cfg.on_bad_record)
 
 
 def leading_examples(cfg: RunConfig, tokenizer, *, labels: list[str] | None = None) -> list[dict]:
@@ -585,7 +634,8 @@ def leading_examples(cfg: RunConfig, tokenizer, *, labels: list[str] | None = No
         fmt = classification_format(ds.column_names, cfg.text_column, cfg.label_column, cfg.dataset)
         return tokenize_classification(ds, fmt, labels, tokenizer, cfg.max_length)
     fmt = detect_format(ds.column_names, cfg.data_format, cfg.dataset)
-    return tokenize_dataset(ds, fmt, tokenizer, cfg.max_length)
+    return tokenize_dataset(ds, fmt, tokenizer, cfg.max_length, truncation=cfg.truncation,
+                            on_bad_record=cfg.on_bad_record)
 
 
 # --- a SuperNode's own data (node-config 'data-path'; docs/deployment.md) ---------------
@@ -633,4 +683,5 @@ def local_examples(cfg: RunConfig, data_path: str, tokenizer) -> list[dict]:
         fmt = classification_format(ds.column_names, cfg.text_column, cfg.label_column, data_path)
         return tokenize_classification(ds, fmt, class_labels(cfg), tokenizer, cfg.max_length)
     fmt = detect_format(ds.column_names, cfg.data_format, data_path)
-    return tokenize_dataset(ds, fmt, tokenizer, cfg.max_length)
+    return tokenize_dataset(ds, fmt, tokenizer, cfg.max_length, truncation=cfg.truncation,
+                            on_bad_record=cfg.on_bad_record)

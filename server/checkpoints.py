@@ -143,6 +143,11 @@ class RunFolder:
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".round-{server_round}-"))
         try:
             model.save_pretrained(tmp)
+            if getattr(model, "fedtune_model_name", None):
+                from common.model import record_adapter_base
+
+                record_adapter_base(tmp, model.fedtune_model_name)
+            share_folder(tmp)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -163,11 +168,13 @@ class RunFolder:
         link_tmp.symlink_to(Path("adapters") / round_dir)
         os.replace(link_tmp, link)
 
-    def log(self, line: str) -> None:
-        """Print a line and keep it in ``run.log``, so the run's story outlives the terminal.
-        Under `fedtune simulate` the line is marked as fedtune's own (server/console.py)."""
-        mark = OWN_LINE_MARK if os.environ.get(CONSOLE_ENV) else ""
-        print("\n".join(mark + part for part in line.split("\n")), flush=True)
+    def log(self, line: str, *, echo: bool = True) -> None:
+        """Print a line (unless not ``echo``) and keep it in ``run.log``, so the run's
+        story outlives the terminal. Under `fedtune simulate` the printed line is marked
+        as fedtune's own (server/console.py)."""
+        if echo:
+            mark = OWN_LINE_MARK if os.environ.get(CONSOLE_ENV) else ""
+            print("\n".join(mark + part for part in line.split("\n")), flush=True)
         with open(self.path / "run.log", "a", encoding="utf-8") as fh:
             fh.write(line + "\n")
 
@@ -258,6 +265,44 @@ class RunFolder:
 
 def _round_of(path: Path) -> int:
     return int(path.name.split(".")[0].removeprefix("round-"))
+
+
+def share_folder(folder: Path) -> None:
+    """0755 folders and 0644 files: mkdtemp makes 0700 and safetensors writes 0600, but
+    an adapter is meant to be read by other users and containers mounting the run."""
+    os.chmod(folder, 0o755)
+    for path in Path(folder).rglob("*"):
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+
+
+DATA_STATS_ENV = "FEDTUNE_DATA_STATS"
+
+
+def record_data_stats(run: "RunFolder") -> None:
+    """The preflight's data counts (``fedtune`` puts them in ``DATA_STATS_ENV``) into
+    RUN_DIR/data-stats.json, one line per split/client and each skipped record in
+    run.log; only the skipped total is printed."""
+    text = os.environ.get(DATA_STATS_ENV)
+    if not text:
+        return  # started without the fedtune CLI (flwr run): no preflight counts
+    report = json.loads(text)
+    atomic_write_text(run.path / "data-stats.json", json.dumps(report, indent=2) + "\n")
+    for name, s in report["splits"].items():
+        run.log(f"data | {name}: {s['records']} records: {s['kept']} kept, {s['truncated']} "
+                f"truncated, {s['dropped']} dropped", echo=False)
+    for item in report["skipped"]:
+        run.log(f"data | skipped {item['where']}: {item['reason']}", echo=False)
+    for name, items in report.get("dropped", {}).items():
+        for item in items:
+            run.log(f"data | {name}: dropped {item['where']}: {item['reason']}", echo=False)
+    truncated = sum(s["truncated"] for s in report["splits"].values())
+    dropped = sum(s["dropped"] for s in report["splits"].values())
+    if truncated or dropped:
+        run.log(f"fedtune: {truncated} examples truncated, {dropped} dropped at max-length "
+                "(see run.log, data-stats.json)")
+    if report["skipped"]:
+        n = len(report["skipped"])
+        run.log(f"fedtune: {n} record{'s' if n != 1 else ''} skipped (see run.log)")
 
 
 def atomic_write_text(path: Path, text: str) -> None:

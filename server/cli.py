@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="query split size per client (default: 32)")
     pers.set_defaults(run=personalize_command)
     add_tool_parsers(sub)
+    from server.datatool import add_data_parser
+
+    add_data_parser(sub, add_config_arguments)
     return parser
 
 
@@ -161,14 +164,18 @@ def preflight(cfg: RunConfig) -> RunConfig:
     """Fail fast, in this process, on what would otherwise fail inside every client:
     bad model path, bad dataset, impossible partitioning. Also converts the built-in
     model once, before clients start (so they never race to do it)."""
-    from common.data import heldout_examples, load_run_data
+    from common.datacheck import data_report
+    from common.data import load_run_data
     from common.model import check_target_modules, load_tokenizer, resolve_model_path
+    from server.checkpoints import DATA_STATS_ENV
 
     resolve_model_path(cfg.model)
     check_target_modules(cfg)
-    # Tokenizing the held-out split also loads and partitions the data, and catches a
-    # tokenizer without a chat template or a bad record here, once, not in every client.
-    heldout_examples(cfg, cfg.num_clients, load_tokenizer(cfg.model))
+    # Load, split and tokenize every partition once, here: an empty partition, a client
+    # with no usable example, a Dirichlet split that cannot be drawn, a bad record or a
+    # tokenizer without a chat template stop the run before Ray starts, not in a client.
+    report = data_report(cfg, load_tokenizer(cfg.model))
+    os.environ[DATA_STATS_ENV] = json.dumps(report.to_json())  # the run folder records it
     check_privacy_plan(cfg, load_run_data(cfg, cfg.num_clients))  # cached: no second load
     if cfg.resume_from:
         from server.checkpoints import RunFolder, check_resumable
@@ -230,7 +237,27 @@ def simulate(cfg: RunConfig, *, verbose: bool = False) -> int:
         print(f"fedtune: simulation failed (exit code {code}); its log is {where}",
               file=sys.stderr)
         return code
+    reason = no_round_aggregated(Path(cfg.run_dir))
+    if reason:
+        print(f"fedtune: error: {reason}", file=sys.stderr)
+        return 1
     return 0
+
+
+def no_round_aggregated(run_dir: Path) -> str:
+    """A one-line reason when the run trained nothing (every round kept the initial
+    adapter, e.g. every client failed), else ''."""
+    path = run_dir / "history.jsonl"
+    if not path.is_file():
+        return f"the run wrote no history in {run_dir}: no round completed"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rounds = [r for r in rows if r.get("round", 0) > 0]
+    if rounds and not any(r.get("aggregated", 1) for r in rounds):
+        failures = sum(r.get("failures", 0) for r in rounds)
+        return (f"no round aggregated a client update ({len(rounds)} rounds, {failures} failed "
+                f"replies): the adapter is untrained; see {run_dir / 'run.log'} and the "
+                "client errors above")
+    return ""
 
 
 def _die_with_parent() -> None:

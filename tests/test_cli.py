@@ -104,6 +104,11 @@ def test_two_clients_two_rounds_end_to_end(tiny_model_dir, tiny_dataset, tmp_pat
     clients = [json.loads(l) for l in (run_dir / "clients.jsonl").read_text().splitlines()]
     assert sorted((c["round"], c["partition-id"]) for c in clients) == [(1, 0), (1, 1), (2, 0), (2, 1)]
     assert json.loads((run_dir / "config.json").read_text())["num-clients"] == 2
+    # the preflight's data counts, recorded beside config.json (60 records, 8 held out)
+    stats = json.loads((run_dir / "data-stats.json").read_text())["splits"]
+    assert sorted(stats) == ["client 0", "client 1", "held-out"]
+    assert sum(s["kept"] for s in stats.values()) == 60 and stats["held-out"]["kept"] == 8
+    assert "data | client 0: " in run_log
 
     # the saved global adapter is a normal PEFT adapter: it loads and generates
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)

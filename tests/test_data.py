@@ -88,11 +88,11 @@ def test_missing_file_and_wrong_fields(tmp_path, tokenizer):
     path.write_text("".join(json.dumps({"instruction": "q", "output": "" if i == 3 else "a"}) + "\n"
                             for i in range(5)))
     ds = load_dataset_any(str(path))
-    with pytest.raises(ValueError, match="record 3: an instruction record needs non-empty"):
+    with pytest.raises(ValueError, match="fields.jsonl' line 4: an instruction record needs non-empty"):
         tokenize_dataset(ds, "instruction", tokenizer, 64)
 
 
-def test_chat_records_use_the_last_assistant_turn(tmp_path, tokenizer):
+def test_chat_records_train_the_assistant_turn(tmp_path, tokenizer):
     path = tmp_path / "chat.jsonl"
     rows = [{"messages": [{"role": "user", "content": "hi"},
                           {"role": "assistant", "content": f"hello {i}"}]} for i in range(3)]

@@ -25,9 +25,12 @@ def test_only_response_tokens_are_labelled(tokenizer):
 def test_truncation_keeps_labels_aligned_and_drops_prompt_only(tokenizer):
     full = tokenize_example(MESSAGES, tokenizer, max_length=200)
     prompt_len = full["labels"].index(next(t for t in full["labels"] if t != IGNORE_INDEX))
-    cut = tokenize_example(MESSAGES, tokenizer, max_length=prompt_len + 2)
+    cut = tokenize_example(MESSAGES, tokenizer, max_length=prompt_len + 2, truncation="keep-start")
     assert len(cut["input_ids"]) == len(cut["labels"]) == prompt_len + 2
-    assert tokenize_example(MESSAGES, tokenizer, max_length=prompt_len) is None
+    assert tokenize_example(MESSAGES, tokenizer, max_length=prompt_len,
+                            truncation="keep-start") is None
+    # the default policy drops an example that does not fit instead of cutting its answer
+    assert tokenize_example(MESSAGES, tokenizer, max_length=prompt_len + 2) is None
 
 
 def test_loss_is_per_sample_mean_of_response_tokens(tiny_cfg, tokenizer):

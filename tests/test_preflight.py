@@ -1,0 +1,106 @@
+"""Before any process starts: partitions that cannot train stop the run; at run time a
+round that aggregated nothing is never `best`; adapters are portable."""
+
+import json
+import os
+import stat
+from types import SimpleNamespace
+
+import pytest
+from flwr.app import ArrayRecord
+
+from common.data import heldout_examples
+from common.model import BUILTIN_MODEL_HUB_ID, adapter_state, get_model, load_tokenizer
+from server import cli
+from server.app import RoundHook
+from server.checkpoints import RunFolder
+from server.strategies import RoundTraffic
+
+
+def _no_simulation(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the simulation (Ray) was started")
+    monkeypatch.setattr(cli.subprocess, "Popen", refuse)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--partitioner", "dirichlet", "--dirichlet-alpha", "0.001", "--num-clients", "10"],
+     "cannot be drawn"),
+    (["--partitioner", "iid", "--num-clients", "60"], "use fewer --num-clients"),
+    (["--partitioner", "iid", "--num-clients", "2", "--max-length", "12"],
+     "held-out: no usable records (8 records: 0 kept, 0 truncated, 8 dropped"),
+])
+def test_partitions_that_cannot_train_exit_2_before_ray(tiny_cfg, monkeypatch, capsys, tmp_path,
+                                                         flags, message):
+    _no_simulation(monkeypatch)
+    run_dir = tmp_path / "never"
+    code = cli.main(["simulate", "--model", tiny_cfg.model, "--dataset", tiny_cfg.dataset,
+                     "--categories", "", "--eval-examples", "8", "--run-dir", str(run_dir), *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and message in err[0], err
+    assert not run_dir.exists()
+
+
+def test_a_round_that_aggregated_nothing_is_never_best(tiny_cfg):
+    cfg = tiny_cfg
+    run = RunFolder.create(cfg)
+    model, tokenizer = get_model(cfg), load_tokenizer(cfg.model)
+    strategy = SimpleNamespace(traffic=None)
+    hook = RoundHook(cfg, run, model, tokenizer, heldout_examples(cfg, cfg.num_clients, tokenizer),
+                     strategy)
+    hook(0, ArrayRecord(adapter_state(model)))
+    strategy.traffic = RoundTraffic(replies=0, failures=2, aggregated=False)
+    hook(1, ArrayRecord(adapter_state(model)))
+    assert not (run.path / "best").exists()
+    assert "no round aggregated" in cli.no_round_aggregated(run.path)
+
+
+def test_adapters_are_portable_and_readable(tiny_cfg, monkeypatch):
+    model = get_model(tiny_cfg)
+    run = RunFolder.create(tiny_cfg)
+    folder = run.save_adapter(model, 1)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == tiny_cfg.model  # a local path, as given
+    assert stat.S_IMODE(os.stat(folder).st_mode) == 0o755
+    assert {stat.S_IMODE(os.stat(p).st_mode) for p in folder.iterdir()} == {0o644}
+    monkeypatch.setattr(model, "fedtune_model_name", "smollm2-135m-instruct")
+    folder = run.save_adapter(model, 2)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == BUILTIN_MODEL_HUB_ID
+
+
+def test_fedtune_data_json_counts_and_marks_the_trained_spans(tiny_cfg, capsys):
+    code = cli.main(["data", "--model", tiny_cfg.model, "--dataset", tiny_cfg.dataset,
+                     "--categories", "", "--partitioner", "iid", "--num-clients", "2",
+                     "--eval-examples", "8", "--max-length", "64", "--show", "2", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert sorted(out["splits"]) == ["client 0", "client 1", "held-out"]
+    assert sum(s["records"] for s in out["splits"].values()) == 60
+    first = out["examples"][0]
+    assert first["where"] == f"'{tiny_cfg.dataset}' line 1" and first["status"] == "kept"
+    assert first["text"].endswith("[[Item 0 belongs to alpha and number 0.<|im_end|>\n]]")
+    assert "Name item 0 of group alpha." in first["text"].split("[[")[0]
+
+
+def test_the_run_folder_records_the_preflight_counts(tiny_cfg, monkeypatch, capsys):
+    from common.datacheck import DataReport
+    from common.records import DataStats
+    from server.checkpoints import DATA_STATS_ENV, record_data_stats
+
+    report = DataReport(splits={"held-out": DataStats(records=3, kept=2, dropped=1,
+                                                      dropped_reasons=[("'f' line 2", "too long")],
+                                                      lengths=[5, 7])},
+                        skipped=(("'f' line 9", "blank"), ("'f' line 11", "blank")))
+    monkeypatch.setenv(DATA_STATS_ENV, json.dumps(report.to_json()))
+    run = RunFolder.create(tiny_cfg)
+    record_data_stats(run)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == ["fedtune: 0 examples truncated, 1 dropped at max-length (see run.log, "
+                       "data-stats.json)", "fedtune: 2 records skipped (see run.log)"]
+    log = (run.path / "run.log").read_text()
+    assert "data | skipped 'f' line 9: blank" in log and "data | skipped 'f' line 11: blank" in log
+    assert "data | held-out: dropped 'f' line 2: too long" in log
+    saved = json.loads((run.path / "data-stats.json").read_text())
+    assert saved["splits"]["held-out"]["tokens-median"] == 6
