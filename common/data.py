@@ -617,10 +617,11 @@ def validation_examples(cfg: RunConfig, tokenizer) -> list[dict]:
     return _tokenize(cfg, data, data.validation, tokenizer)
 
 
-def _tokenize(cfg: RunConfig, data: RunData, ds, tokenizer) -> list[dict]:
+def _tokenize(cfg: RunConfig, data: RunData, ds, tokenizer, *, fmt: str | None = None) -> list[dict]:
+    fmt = fmt or data.fmt
     if cfg.task == "classification":
-        return tokenize_classification(ds, data.fmt, class_labels(cfg), tokenizer, cfg.max_length)
-    return tokenize_dataset(ds, data.fmt, tokenizer, cfg.max_length, truncation=cfg.truncation,
+        return tokenize_classification(ds, fmt, class_labels(cfg), tokenizer, cfg.max_length)
+    return tokenize_dataset(ds, fmt, tokenizer, cfg.max_length, truncation=cfg.truncation,
                             on_bad_record=cfg.on_bad_record)
 
 

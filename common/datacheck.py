@@ -47,25 +47,30 @@ def data_report(cfg: RunConfig, tokenizer) -> DataReport:
     Raises ValueError (one line, naming the partition and the fix) for a partition that
     cannot be drawn, is empty, or has no usable example.
     """
-    from common.data import load_run_data, tokenize_records, _tokenize
+    from common.data import eval_split, load_run_data, tokenize_records, _tokenize
 
     data = load_run_data(cfg, cfg.num_clients)
     splits: dict[str, DataStats] = {}
-    parts = [("held-out", data.heldout)]
+    parts = []  # (name, records, format)
+    if cfg.eval_dataset:  # the server evaluates on its own file; nothing held out of dataset
+        records, fmt = eval_split(cfg)
+        parts.append(("eval-dataset", records, fmt))
+    elif cfg.evaluates:
+        parts.append(("held-out", data.heldout, data.fmt))
     if len(data.validation):
-        parts.append(("validation", data.validation))
+        parts.append(("validation", data.validation, data.fmt))
     for partition_id in range(cfg.num_clients):
         parts.append((f"client {partition_id}",
-                      data.partition(partition_id, cfg.max_examples_per_client)))
-    for name, ds in parts:
+                      data.partition(partition_id, cfg.max_examples_per_client), data.fmt))
+    for name, ds, fmt in parts:
         try:
             if cfg.task == "classification":  # one label per example: nothing to cut or mark
-                examples = _tokenize(cfg, data, ds, tokenizer)
+                examples = _tokenize(cfg, data, ds, tokenizer, fmt=fmt)
                 splits[name] = DataStats(records=len(ds), kept=len(examples),
                                          lengths=[len(e["input_ids"]) for e in examples])
                 continue
             _, splits[name] = tokenize_records(
-                ds, data.fmt, tokenizer, cfg.max_length, truncation=cfg.truncation,
+                ds, fmt, tokenizer, cfg.max_length, truncation=cfg.truncation,
                 on_bad_record=cfg.on_bad_record)
         except ValueError as err:
             label = name.replace("client", "partition")
