@@ -15,6 +15,7 @@ from common.config import (
 )
 from common.dp import DP_REFUSAL_CODE, BudgetExhausted
 from common.data import batches_forever, local_examples, partition_examples
+from common.lora_aggregation import LORA_RESIDUAL_KEY, set_residual
 from common.model import adapter_state, get_model, load_tokenizer, set_adapter_state
 from common.objectives import build_objective
 from common.runtime import config_from_run_config, setup_process
@@ -57,6 +58,9 @@ def _prepare(msg: Message, context: Context):
     model, tokenizer = get_model(cfg), load_tokenizer(cfg.model)  # cached per process
     # Decoded to float32; loading casts to the model's dtype, which training uses.
     set_adapter_state(model, _global_state(msg))
+    # lora-aggregation exact: the server's residual joins the frozen weights (or none)
+    residual = msg.content.array_records.get(LORA_RESIDUAL_KEY)
+    set_residual(model, residual.to_torch_state_dict() if residual is not None else {})
     partition_id, examples = _examples(context, cfg, tokenizer)
     return cfg, model, tokenizer, partition_id, examples
 

@@ -23,6 +23,7 @@ import numpy as np
 import safetensors.numpy
 
 from common.config import RunConfig
+from common.lora_aggregation import save_residual
 
 HISTORY_COLUMNS = (
     "round", "train-loss", "eval-loss", "eval-perplexity", "eval-token-accuracy",
@@ -141,6 +142,7 @@ class RunFolder:
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".round-{server_round}-"))
         try:
             model.save_pretrained(tmp)
+            save_residual(model, tmp)  # lora-aggregation exact: the residual, beside it
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
