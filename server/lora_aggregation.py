@@ -55,9 +55,10 @@ class LoraAggregationMixin:
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
         arrays, metrics = super().aggregate_train(server_round, replies)
-        # in node order: the float sums then do not depend on which reply came first
-        valid = sorted((r for r in replies if not r.has_error()),
-                       key=lambda r: r.metadata.src_node_id)
+        # In partition order (else node order): the QR of the stacked factors then does
+        # not depend on which reply came first, nor on the node ids a restarted
+        # simulation draws anew, and a resumed run stays bit-exact.
+        valid = sorted((r for r in replies if not r.has_error()), key=_client_order)
         if arrays is None or not valid:
             return arrays, metrics
         key = getattr(self, "weighted_by_key", NUM_EXAMPLES_KEY)
@@ -80,3 +81,8 @@ class LoraAggregationMixin:
     def load_lora_residual_state(self, state: dict[str, dict[str, np.ndarray]]) -> None:
         self.residual = {k: torch.from_numpy(np.ascontiguousarray(v))
                          for k, v in state.get(RESIDUAL_GROUP, {}).items()}
+
+
+def _client_order(reply: Message) -> tuple[float, int]:
+    metrics = reply.content[METRICS_KEY]
+    return float(metrics.get("partition-id", -1)), reply.metadata.src_node_id

@@ -220,3 +220,35 @@ def test_exact_mode_counts_the_residual_in_bytes_sent(flower_identity):
         sent[mode] = strategy.traffic.bytes_sent  # round 2's
     residual_floats = sum(v.numel() for v in strategy.residual.values())
     assert residual_floats and sent["exact"] - sent["naive"] >= 2 * 4 * residual_floats * 0.95
+
+
+# --- a real simulation per mode: 2 rounds + --resume == 4 rounds; evaluate reproduces it -
+@pytest.mark.parametrize("mode", ["exact", "svd"])
+def test_real_run_resumes_bit_exactly_and_evaluate_reproduces_the_server(
+        tiny_model_dir, tiny_dataset, tmp_path, mode):
+    from safetensors.torch import load_file
+
+    from common.lora_aggregation import RESIDUAL_FILE
+    from tests.test_cli import fedtune
+    from tests.test_resume import _simulate
+
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    flags = ("--lora-aggregation", mode)
+    _simulate(tiny_model_dir, tiny_dataset, whole, "fedavg", 4, *flags)
+    _simulate(tiny_model_dir, tiny_dataset, split, "fedavg", 2, *flags)
+    _simulate(tiny_model_dir, tiny_dataset, split, "fedavg", 4, *flags, "--resume", str(split))
+    files = ["adapter_model.safetensors"] + ([RESIDUAL_FILE] if mode == "exact" else [])
+    assert (whole / "adapter" / RESIDUAL_FILE).exists() == (mode == "exact")
+    for name in files + ["../../state/round-4.safetensors"]:
+        a, b = load_file(whole / "adapter" / name), load_file(split / "adapter" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    rows = [json.loads(l) for l in (split / "history.jsonl").read_text().splitlines()]
+    whole_rows = [json.loads(l) for l in (whole / "history.jsonl").read_text().splitlines()]
+    assert [r["eval-loss"] for r in rows] == [r["eval-loss"] for r in whole_rows]
+    assert all(r["agg-error-mean"] > 0 and r["applied-error-max"] < r["agg-error-max"]
+               for r in rows[1:])
+    assert (rows[-1].get("residual-rank-max", 0) > 0) == (mode == "exact")
+    # `fedtune evaluate` on the run folder gives the loss the server logged for round 4
+    result = fedtune("evaluate", "--adapter", str(split), "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout)["loss"] == pytest.approx(rows[-1]["eval-loss"], rel=1e-6)
