@@ -229,6 +229,12 @@ class RunConfig:
         "mean(B_i A_i) (same bytes as naive). docs/aggregation.md.",
         default="naive",
     )
+    client_lora_ranks: str = _opt(
+        "Heterogeneous LoRA ranks in simulation: comma separated rank per partition, each "
+        "<= lora-r (the global rank), e.g. '4,8,16,16' with --lora-r 16 (empty: all lora-r). "
+        "A deployed SuperNode sets node-config 'lora-r' instead. Needs lora-aggregation svd.",
+        default="",
+    )
     # --- update validation (server/validation.py) ---------------------------------
     max_update_norm_ratio: float = _opt(
         "Reject a reply whose update norm, the L2 norm of (client - global adapter), "
@@ -380,6 +386,13 @@ class RunConfig:
 
     def _check_lora_aggregation(self) -> None:
         _check_choice("lora-aggregation", self.lora_aggregation, LORA_AGGREGATIONS)
+        ranks = self.client_rank_list  # raises on a malformed list
+        if ranks and (len(ranks) != self.num_clients or not all(1 <= r <= self.lora_r for r in ranks)):
+            raise ValueError(f"config 'client-lora-ranks' {self.client_lora_ranks!r} needs one rank "
+                             f"per client ({self.num_clients}), each in [1, lora-r {self.lora_r}]")
+        if ranks and self.lora_aggregation != "svd":
+            raise ValueError("config 'client-lora-ranks' needs 'lora-aggregation' svd: each "
+                             "client's rank is a truncation of the SVD-ordered global factors")
         if self.lora_aggregation == "naive":
             return
         why = None
@@ -486,6 +499,15 @@ class RunConfig:
     @property
     def category_list(self) -> list[str]:
         return [c.strip() for c in self.categories.split(",") if c.strip()]
+
+    @property
+    def client_rank_list(self) -> list[int]:
+        """'client-lora-ranks' as ints (empty: every client trains at 'lora-r')."""
+        try:
+            return [int(r) for r in self.client_lora_ranks.split(",") if r.strip()]
+        except ValueError:
+            raise ValueError(f"config 'client-lora-ranks' must be comma separated integers, got "
+                             f"{self.client_lora_ranks!r}") from None
 
     @property
     def target_module_list(self) -> str | list[str]:

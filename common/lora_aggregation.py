@@ -213,6 +213,45 @@ def aggregate_lora(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequen
     return arrays, new_residual, stats
 
 
+# --- heterogeneous ranks: a client trains rank r <= the global rank R --------------------
+def truncate_to_rank(state: Mapping[str, torch.Tensor], *, rank: int,
+                     global_rank: int) -> dict[str, torch.Tensor]:
+    """The client's rank-``rank`` adapter from the global rank-R one: the first r columns
+    of B (scaled by r / R, since peft's scaling is alpha / rank) and rows of A, so the
+    client's scaled update (alpha/r) B_r A_r equals the global's first r components. With
+    ``lora-aggregation svd`` the global factors are SVD-ordered, so this is the best
+    rank-r approximation of the global update (FlexLoRA's redistribution, arXiv 2402.11505).
+    Other tensors pass through. Raises ValueError unless 1 <= rank <= global_rank."""
+    _check_ranks(rank, global_rank)
+    out = dict(state)
+    for layer in lora_pairs(state):
+        out[layer + B_SUFFIX] = state[layer + B_SUFFIX][:, :rank] * (rank / global_rank)
+        out[layer + A_SUFFIX] = state[layer + A_SUFFIX][:rank].clone()
+    return out
+
+
+def pad_to_rank(state: Mapping[str, torch.Tensor], sent: Mapping[str, torch.Tensor], *,
+                rank: int, global_rank: int) -> dict[str, torch.Tensor]:
+    """The inverse for the reply: B = [B_r R/r, sent B's other columns], A = [A_r; 0], so
+    (alpha/R) B A = (alpha/r) B_r A_r, in the global shapes the server checks. The padding
+    travels (and is counted) like the rest: a low-rank client saves memory and compute,
+    not uplink bytes."""
+    _check_ranks(rank, global_rank)
+    out = dict(state)
+    for layer in lora_pairs(state):
+        b, a = state[layer + B_SUFFIX], state[layer + A_SUFFIX]
+        out[layer + B_SUFFIX] = torch.cat([b * (global_rank / rank),
+                                           sent[layer + B_SUFFIX][:, rank:].to(b.dtype)], dim=1)
+        out[layer + A_SUFFIX] = torch.cat([a, a.new_zeros(global_rank - rank, a.shape[1])])
+    return out
+
+
+def _check_ranks(rank: int, global_rank: int) -> None:
+    if not 1 <= rank <= global_rank:
+        raise ValueError(f"client LoRA rank {rank} must be in [1, lora-r {global_rank}]: set "
+                         "node-config 'lora-r' (or 'client-lora-ranks') to at most lora-r")
+
+
 # --- the residual inside a model: frozen extra path, y += scaling * (x Q^T) P^T -------
 def _lora_module(model, layer: str):
     try:

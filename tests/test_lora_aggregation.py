@@ -252,3 +252,78 @@ def test_real_run_resumes_bit_exactly_and_evaluate_reproduces_the_server(
     result = fedtune("evaluate", "--adapter", str(split), "--json")
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout)["loss"] == pytest.approx(rows[-1]["eval-loss"], rel=1e-6)
+
+
+# --- heterogeneous ranks: truncate for the client, pad the reply, SVD on the server ------
+def test_truncate_and_pad_keep_each_clients_scaled_update():
+    from common.lora_aggregation import pad_to_rank, truncate_to_rank
+
+    g = torch.Generator().manual_seed(7)
+    big, small = 4, 2  # global rank R, client rank r; peft scaling alpha / rank
+    sent = {"m.lora_B.weight": torch.randn(D, big, generator=g),
+            "m.lora_A.weight": torch.randn(big, K, generator=g), "head": torch.ones(2)}
+    local = truncate_to_rank(sent, rank=small, global_rank=big)
+    assert local["m.lora_B.weight"].shape == (D, small) and local["head"] is sent["head"]
+    # the client's update (1/r) B_r A_r is the global's first r components, (1/R) B[:, :r] A[:r]
+    torch.testing.assert_close(local["m.lora_B.weight"] @ local["m.lora_A.weight"] / small,
+                               sent["m.lora_B.weight"][:, :small] @ sent["m.lora_A.weight"][:small] / big)
+    trained = {"m.lora_B.weight": torch.randn(D, small, generator=g),
+               "m.lora_A.weight": torch.randn(small, K, generator=g), "head": torch.ones(2)}
+    reply = pad_to_rank(trained, sent, rank=small, global_rank=big)
+    assert reply["m.lora_A.weight"].shape == (big, K)
+    torch.testing.assert_close(reply["m.lora_B.weight"] @ reply["m.lora_A.weight"] / big,
+                               trained["m.lora_B.weight"] @ trained["m.lora_A.weight"] / small)
+    with pytest.raises(ValueError, match="client LoRA rank 8 must be in"):
+        truncate_to_rank(sent, rank=8, global_rank=big)
+
+
+def test_mixed_ranks_aggregate_to_the_hand_computed_truncated_mean():
+    from common.lora_aggregation import pad_to_rank
+
+    g = torch.Generator().manual_seed(8)
+    big, ranks, weights = 4, [1, 2, 4], [10.0, 20.0, 30.0]
+    sent = {"m.lora_B.weight": torch.randn(D, big, generator=g),
+            "m.lora_A.weight": torch.randn(big, K, generator=g)}
+    clients = [{"m.lora_B.weight": torch.randn(D, r, generator=g),
+                "m.lora_A.weight": torch.randn(r, K, generator=g)} for r in ranks]
+    replies = [pad_to_rank(c, sent, rank=r, global_rank=big) for c, r in zip(clients, ranks)]
+    arrays, _, stats = aggregate_lora(replies, weights, mode="svd")
+    # by hand: the weighted mean of the clients' scaled updates (1/r_i) B_i A_i, best rank R
+    w = np.array(weights) / sum(weights)
+    mean = sum(wi * (c["m.lora_B.weight"].double() @ c["m.lora_A.weight"].double()).numpy() / r
+               for wi, c, r in zip(w, clients, ranks))
+    u, s, vt = np.linalg.svd(mean)
+    got = (arrays["m.lora_B.weight"].double() @ arrays["m.lora_A.weight"].double()).numpy() / big
+    np.testing.assert_allclose(got, (u[:, :big] * s[:big]) @ vt[:big], rtol=1e-4, atol=1e-5)
+    expected = math.sqrt(np.sum(s[big:] ** 2)) / np.linalg.norm(mean)
+    assert stats["applied-error-max"] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("values, match", [
+    (dict(client_lora_ranks="4,8", lora_r=8, num_clients=2), "needs 'lora-aggregation' svd"),
+    (dict(client_lora_ranks="4,16", lora_r=8, num_clients=2, lora_aggregation="svd"), r"each in \[1, lora-r 8\]"),
+    (dict(client_lora_ranks="4,8", lora_r=8, num_clients=3, min_train_clients=2,
+          lora_aggregation="svd"), "one rank per client"),
+    (dict(client_lora_ranks="4,x", lora_aggregation="svd"), "comma separated integers"),
+])
+def test_heterogeneous_rank_config_refusals(values, match):
+    with pytest.raises(ValueError, match=match):
+        RunConfig(**values)
+    assert RunConfig(client_lora_ranks="2,4", lora_r=4, num_clients=2,
+                     lora_aggregation="svd").client_rank_list == [2, 4]
+
+
+def test_a_real_run_with_mixed_ranks(tiny_model_dir, tiny_dataset, tmp_path):
+    from tests.test_cli import fedtune
+
+    run = tmp_path / "mixed"
+    result = fedtune("simulate", "--model", str(tiny_model_dir), "--dataset", str(tiny_dataset),
+                     "--categories", "", "--num-clients", "2", "--local-steps", "2",
+                     "--batch-size", "4", "--eval-examples", "8", "--max-length", "64",
+                     "--lora-r", "4", "--client-lora-ranks", "2,4", "--lora-aggregation", "svd",
+                     "--num-server-rounds", "2", "--run-dir", str(run))
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    clients = [json.loads(l) for l in (run / "clients.jsonl").read_text().splitlines()]
+    assert sorted((c["partition-id"], c["lora-r"]) for c in clients) == [(0, 2), (0, 2), (1, 4), (1, 4)]
+    rows = [json.loads(l) for l in (run / "history.jsonl").read_text().splitlines()]
+    assert all(r["aggregated"] == 1 and r["rejected"] == 0 for r in rows[1:])
