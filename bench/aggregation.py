@@ -52,6 +52,8 @@ def simulate(run_dir: Path, flags: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--long", action="store_true", help="the full protocol (hours on 2 CPU cores)")
+    parser.add_argument("--hetero", action="store_true",
+                        help="also heterogeneous ranks: ranks 4,8,16,16 vs all 16 vs all 4 (svd)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-aggregation")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -69,15 +71,23 @@ def main() -> None:
         sweep[steps] = simulate(out / f"sweep-steps-{steps}",
                                 ["--local-steps", str(steps), "--eval-examples", "8",
                                  "--batch-size", str(p["sweep_batch"]), "--num-server-rounds", "1"])
-    write_report(runs, sweep, p, args)
+    hetero = {}
+    if args.hetero:  # non-IID, svd mode, global rank 16 (all-4: global rank 4)
+        for name, flags in (("ranks 4,8,16,16", ["--lora-r", "16", "--client-lora-ranks", "4,8,16,16"]),
+                            ("all 16", ["--lora-r", "16"]), ("all 4", ["--lora-r", "4"])):
+            hetero[name] = simulate(out / f"hetero-{name.replace(' ', '').replace(',', '-')}",
+                                    [*common, *flags, "--lora-aggregation", "svd",
+                                     "--num-server-rounds", str(p["rounds"])])
+    write_report(runs, sweep, p, args, hetero)
 
 
 def _mb(row: dict) -> float:
     return (row.get("bytes-sent", 0) + row.get("bytes-received", 0)) / 1e6
 
 
-def write_report(runs: dict, sweep: dict, p: dict, args) -> None:
-    command = "python bench/aggregation.py" + (" --long" if args.long else "")
+def write_report(runs: dict, sweep: dict, p: dict, args, hetero: dict) -> None:
+    command = "python bench/aggregation.py" + (" --long" if args.long else "") + (
+        " --hetero" if args.hetero else "")
     lines = [
         "# LoRA aggregation: naive vs exact",
         "",
@@ -124,6 +134,15 @@ def write_report(runs: dict, sweep: dict, p: dict, args) -> None:
     for steps, run in sweep.items():
         row = run["history"][-1]
         lines.append(f"| {steps} | {row['agg-error-mean']:.4f} | {row['agg-error-max']:.4f} |")
+    if hetero:
+        lines += ["", "Heterogeneous ranks (non-IID, svd, alpha 16; MB = every client's "
+                  "train messages, sent + received, summed over rounds):", "",
+                  "| clients' ranks | final held-out loss | vs all 16 | MB total |", "|---|---|---|---|"]
+        ref = hetero["all 16"]["history"][-1]["eval-loss"]
+        for name, run in hetero.items():
+            loss = run["history"][-1]["eval-loss"]
+            lines.append(f"| {name} | {loss:.4f} | {loss / ref - 1:+.1%} | "
+                         f"{sum(_mb(r) for r in run['history'][1:]):.1f} |")
     lines += ["", "![aggregation error and held-out loss per round](aggregation.png)", ""]
     doc = ROOT / "docs" / "aggregation.md"
     text = doc.read_text() if doc.exists() else ""

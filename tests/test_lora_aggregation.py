@@ -327,3 +327,16 @@ def test_a_real_run_with_mixed_ranks(tiny_model_dir, tiny_dataset, tmp_path):
     assert sorted((c["partition-id"], c["lora-r"]) for c in clients) == [(0, 2), (0, 2), (1, 4), (1, 4)]
     rows = [json.loads(l) for l in (run / "history.jsonl").read_text().splitlines()]
     assert all(r["aggregated"] == 1 and r["rejected"] == 0 for r in rows[1:])
+
+
+def test_plot_draws_the_aggregation_error_when_the_history_has_it(tmp_path):
+    from server.plots import plot_run
+
+    rows = [{"round": 0, "eval-loss": 4.0},
+            {"round": 1, "eval-loss": 3.0, "train-loss": 3.5, "agg-error-mean": 0.04,
+             "agg-error-max": 0.1, "applied-error-mean": 0.0, "applied-error-max": 1e-7}]
+    (tmp_path / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    names = [p.name for p in plot_run(tmp_path)]
+    assert "aggregation.png" in names and (tmp_path / "plots" / "aggregation.png").stat().st_size > 0
+    (tmp_path / "history.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    assert "aggregation.png" not in [p.name for p in plot_run(tmp_path)]
