@@ -14,6 +14,11 @@ arXiv 2410.09432). This module measures that gap and computes the two fixes
   dense mean (the same route as FLoRA's stacking, arXiv 2409.05976, and FlexLoRA's SVD
   redistribution, arXiv 2402.11505).
 
+Heterogeneous ranks (``client-lora-ranks``, node-config ``lora-r``): a client truncates
+the SVD-ordered global factors to its rank and pads its reply back to the global shapes
+(:func:`truncate_to_rank`, :func:`pad_to_rank`), so ``svd`` aggregates mixed ranks exactly.
+The exact mode's residual enters a model through :func:`set_residual` (forward hooks).
+
 Everything is computed in float64 and returned in float32. Written here rather than taken
 from a library: peft and Flower aggregate tensors one by one and have no low-rank mean.
 """
