@@ -15,6 +15,7 @@ from common.config import (
 )
 from common.dp import DP_REFUSAL_CODE, BudgetExhausted
 from common.data import batches_forever, local_examples, partition_examples
+from common.lora_aggregation import LORA_RESIDUAL_KEY, pad_to_rank, set_residual, truncate_to_rank
 from common.model import adapter_state, get_model, load_tokenizer, set_adapter_state
 from common.objectives import build_objective
 from common.runtime import config_from_run_config, setup_process
@@ -51,12 +52,31 @@ def _global_state(msg: Message) -> dict:
     return decode_state(arrays, _transport_dtype(msg))
 
 
+def _client_rank(context: Context, cfg: RunConfig) -> int:
+    """This node's LoRA rank: node-config 'lora-r', else its entry of 'client-lora-ranks',
+    else the global 'lora-r' (docs/aggregation.md, heterogeneous ranks)."""
+    node = context.node_config
+    if "lora-r" in node:
+        return int(node["lora-r"])
+    ranks = cfg.client_rank_list
+    return ranks[int(node["partition-id"])] if ranks and "partition-id" in node else cfg.lora_r
+
+
 def _prepare(msg: Message, context: Context):
     cfg = config_from_run_config(context.run_config)
     setup_process(cfg.num_threads)
-    model, tokenizer = get_model(cfg), load_tokenizer(cfg.model)  # cached per process
+    rank = _client_rank(context, cfg)
+    # a lower rank is its own cached model; the global adapter is truncated to it
+    local_cfg = cfg if rank == cfg.lora_r else cfg.replace(lora_r=rank, client_lora_ranks="")
+    model, tokenizer = get_model(local_cfg), load_tokenizer(cfg.model)  # cached per process
     # Decoded to float32; loading casts to the model's dtype, which training uses.
-    set_adapter_state(model, _global_state(msg))
+    state = _global_state(msg)
+    if rank != cfg.lora_r:
+        state = truncate_to_rank(state, rank=rank, global_rank=cfg.lora_r)
+    set_adapter_state(model, state)
+    # lora-aggregation exact: the server's residual joins the frozen weights (or none)
+    residual = msg.content.array_records.get(LORA_RESIDUAL_KEY)
+    set_residual(model, residual.to_torch_state_dict() if residual is not None else {})
     partition_id, examples = _examples(context, cfg, tokenizer)
     return cfg, model, tokenizer, partition_id, examples
 
@@ -108,13 +128,19 @@ def train(msg: Message, context: Context) -> Message:
         "partition-id": partition_id,
         NUM_EXAMPLES_KEY: len(examples),
         UNIT_WEIGHT_KEY: 1,  # client-level DP averages unweighted (server/privacy.py)
+        "lora-r": _client_rank(context, cfg),  # heterogeneous ranks: what this client trained
     })
     if private is not None:
         save_accountant(context, private.accountant)
         metrics[DP_EPSILON_KEY] = private.accountant.epsilon(private.plan.delta)
         metrics["dp-noise-multiplier"] = private.plan.noise_multiplier
         metrics["dp-steps"] = private.accountant.steps
-    state = corrupt_if_asked(partition_id, adapter_state(model), _global_state(msg))
+    state = adapter_state(model)
+    if cfg.client_rank_list or "lora-r" in context.node_config:  # back to the global shapes
+        rank, global_rank = _client_rank(context, cfg), cfg.lora_r
+        if rank != global_rank:
+            state = pad_to_rank(state, _global_state(msg), rank=rank, global_rank=global_rank)
+    state = corrupt_if_asked(partition_id, state, _global_state(msg))
     wire = encode_state(state, _transport_dtype(msg))
     arrays = ArrayRecord({name: Array(array) for name, array in wire.items()})
     content = RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: metrics})

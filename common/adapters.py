@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from common.config import RunConfig
+from common.lora_aggregation import load_residual, set_residual
 from common.model import set_adapter_state
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -118,6 +119,7 @@ def attach_adapter(base, folder: Path, *, model_name: str):
                                     category=FutureWarning)
             model = get_peft_model(base, config)
         set_adapter_state(model, read_adapter_weights(folder))
+        set_residual(model, load_residual(folder))  # lora-aggregation exact (if saved)
     except ValueError as err:
         raise ValueError(f"adapter '{folder}' does not fit model '{model_name}': "
                          f"{str(err).splitlines()[0]}") from None

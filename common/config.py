@@ -52,6 +52,7 @@ CLIENT_DP_MODES = ("off", "server-fixed", "client-fixed", "server-adaptive",
 DP_GRAD_SAMPLE_MODES = ("hooks", "functorch")
 DP_EPSILON_KEY = "dp-epsilon"  # in train replies: the client's sample-level epsilon so far
 UNIT_WEIGHT_KEY = "unit-weight"  # in train replies: 1, for unweighted averaging under DP
+LORA_AGGREGATIONS = ("naive", "exact", "svd")  # common/lora_aggregation.py
 
 
 def _opt(help: str, **kw: Any) -> Any:
@@ -246,6 +247,20 @@ class RunConfig:
         "aggregates in full precision.",
         default="float32",
     )
+    lora_aggregation: str = _opt(
+        f"How the server combines the clients' LoRA factors, one of {LORA_AGGREGATIONS}: "
+        "naive = mean(B) mean(A) (per-tensor FedAvg); exact = FedEx-LoRA, the residual "
+        "mean(B_i A_i) - mean(B) mean(A) is added to the frozen weights and sent to the "
+        "clients as low-rank factors (more bytes); svd = the best rank-r factors of "
+        "mean(B_i A_i) (same bytes as naive). docs/aggregation.md.",
+        default="naive",
+    )
+    client_lora_ranks: str = _opt(
+        "Heterogeneous LoRA ranks in simulation: comma separated rank per partition, each "
+        "<= lora-r (the global rank), e.g. '4,8,16,16' with --lora-r 16 (empty: all lora-r). "
+        "A deployed SuperNode sets node-config 'lora-r' instead. Needs lora-aggregation svd.",
+        default="",
+    )
     # --- update validation (server/validation.py) ---------------------------------
     max_update_norm_ratio: float = _opt(
         "Reject a reply whose update norm, the L2 norm of (client - global adapter), "
@@ -399,6 +414,31 @@ class RunConfig:
         self._check_robust_strategy()
         self._check_resume()
         self._check_privacy()
+        self._check_lora_aggregation()
+
+    def _check_lora_aggregation(self) -> None:
+        _check_choice("lora-aggregation", self.lora_aggregation, LORA_AGGREGATIONS)
+        ranks = self.client_rank_list  # raises on a malformed list
+        if ranks and (len(ranks) != self.num_clients or not all(1 <= r <= self.lora_r for r in ranks)):
+            raise ValueError(f"config 'client-lora-ranks' {self.client_lora_ranks!r} needs one rank "
+                             f"per client ({self.num_clients}), each in [1, lora-r {self.lora_r}]")
+        if ranks and self.lora_aggregation != "svd":
+            raise ValueError("config 'client-lora-ranks' needs 'lora-aggregation' svd: each "
+                             "client's rank is a truncation of the SVD-ordered global factors")
+        if self.lora_aggregation == "naive":
+            return
+        why = None
+        if self.strategy not in ("fedavg", "fedprox"):
+            why = (f"strategy {self.strategy!r} is not a weighted mean of the updates: use "
+                   "fedavg or fedprox")
+        elif self.ffa_lora:
+            why = "'ffa-lora' already makes the mean exact (A is frozen): drop one of them"
+        elif self.client_dp != "off":
+            why = "'client-dp' clips and noises the factors' mean: use lora-aggregation naive"
+        elif self.dp_sgd and self.lora_aggregation == "exact":
+            why = "'dp-sgd' with the exact mode's residual hooks is untested: use svd or naive"
+        if why:
+            raise ValueError(f"config 'lora-aggregation' {self.lora_aggregation!r}: {why}")
 
     def _check_privacy(self) -> None:
         _check_choice("client-dp", self.client_dp, CLIENT_DP_MODES)
@@ -500,6 +540,15 @@ class RunConfig:
     def evaluates(self) -> bool:
         """False when evaluation is off ('eval-examples' 0): no held-out metrics."""
         return self.eval_examples > 0
+
+    @property
+    def client_rank_list(self) -> list[int]:
+        """'client-lora-ranks' as ints (empty: every client trains at 'lora-r')."""
+        try:
+            return [int(r) for r in self.client_lora_ranks.split(",") if r.strip()]
+        except ValueError:
+            raise ValueError(f"config 'client-lora-ranks' must be comma separated integers, got "
+                             f"{self.client_lora_ranks!r}") from None
 
     @property
     def target_module_list(self) -> str | list[str]:

@@ -22,6 +22,8 @@ from typing import Any
 # built from tokenizer.json alone) PreTrainedTokenizerFast.
 TOKENIZER_CLASSES_4X = {"TokenizersBackend": "PreTrainedTokenizerFast"}
 
+from common.lora_aggregation import fold_residual
+
 
 def export_merged(model, tokenizer, out_dir: Path) -> Path:
     """``merge_and_unload`` then safetensors + config + tokenizer, written to a temp
@@ -32,6 +34,7 @@ def export_merged(model, tokenizer, out_dir: Path) -> Path:
     if out_dir.exists():
         raise FileExistsError(f"export folder '{out_dir}' already exists: choose another --out")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    fold_residual(model)  # lora-aggregation exact: the residual joins the base weights
     merged = model.merge_and_unload()
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
     try:

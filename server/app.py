@@ -13,6 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.config import DP_EPSILON_KEY, RunConfig
 from common.data import heldout_examples
+from common.lora_aggregation import set_residual
 from common.model import adapter_state, get_model, load_tokenizer, set_adapter_state
 from common.runtime import config_from_run_config, setup_process
 from common.train import evaluate
@@ -101,6 +102,8 @@ class RoundHook:
         if self.offset and server_round == self.offset:
             return None  # Flower's "round 0" of a resumed run: that round is in the history
         set_adapter_state(self.model, arrays.to_torch_state_dict())
+        # lora-aggregation exact: the residual folded into the frozen weights (else none)
+        set_residual(self.model, getattr(self.strategy, "residual", {}))
         row: dict = {"round": server_round}
         if self.heldout:  # empty: evaluation off (eval-examples 0), no eval columns
             row.update(evaluate(self.model, self.heldout, batch_size=self.cfg.eval_batch_size,
@@ -121,6 +124,8 @@ class RoundHook:
                 "rejected": sum(traffic.rejected.values()),
                 **{f"rejected-{reason}": n for reason, n in traffic.rejected.items()},
                 "aggregated": int(traffic.aggregated),
+                # server/lora_aggregation.py: naive averaging's error and the applied one
+                **getattr(self.strategy, "aggregation_stats", {}),
             })
             self.releases += int(traffic.aggregated)
             row.update(privacy_columns(self.cfg, clients, traffic, server_round, self.releases))

@@ -23,6 +23,7 @@ import numpy as np
 import safetensors.numpy
 
 from common.config import RunConfig
+from common.lora_aggregation import save_residual
 from server.console import CONSOLE_ENV, OWN_LINE_MARK
 
 HISTORY_COLUMNS = (
@@ -143,6 +144,7 @@ class RunFolder:
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".round-{server_round}-"))
         try:
             model.save_pretrained(tmp)
+            save_residual(model, tmp)  # lora-aggregation exact: the residual, beside it
             if getattr(model, "fedtune_model_name", None):
                 from common.model import record_adapter_base
 

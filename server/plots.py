@@ -13,6 +13,7 @@ from server.tracking import client_label
 PLOTS_DIR = "plots"
 EPSILON = "epsilon"  # history column of a DP run: the privacy budget spent up to that round
 CLIENT_EPSILON = "client-epsilon"  # client-level DP (server/privacy.py)
+AGG_ERROR = "agg-error-mean"  # naive averaging's relative error (server/lora_aggregation.py)
 
 
 def plot_run(run_dir: Path) -> list[Path]:
@@ -42,6 +43,8 @@ def plot_run(run_dir: Path) -> list[Path]:
               _traffic(history, out / "traffic.png", title)]
     if _series(history, EPSILON)[0] or _series(history, CLIENT_EPSILON)[0]:  # DP runs only
         paths.append(_epsilon(history, out / "epsilon.png", title))
+    if _series(history, AGG_ERROR)[0]:  # LoRA adapters (server/lora_aggregation.py)
+        paths.append(_aggregation(history, out / "aggregation.png", title))
     return paths
 
 
@@ -109,6 +112,21 @@ def _epsilon(history, path, title):
                               (CLIENT_EPSILON, "client-level", "tab:purple")):
         if _series(history, key)[0]:
             ax.plot(*_series(history, key), marker="o", color=color, label=label)
+    ax.legend()
+    return _save(fig, path)
+
+
+def _aggregation(history, path, title):
+    fig, ax = _figure(f"LoRA aggregation error — {title}",
+                      "||mean(B_i A_i) - applied||_F / ||mean(B_i A_i)||_F")
+    for key, label in (("agg-error-mean", "naive mean(B) mean(A), layer mean"),
+                       ("agg-error-max", "naive, worst layer"),
+                       ("applied-error-mean", "applied aggregate, layer mean"),
+                       ("applied-error-max", "applied aggregate, worst layer")):
+        if _series(history, key)[0]:
+            ax.plot(*_series(history, key), marker="o", label=label,
+                    linestyle="-" if key.startswith("agg") else "--")
+    ax.set_yscale("symlog", linthresh=1e-6)  # the exact modes sit at float rounding
     ax.legend()
     return _save(fig, path)
 

@@ -56,6 +56,8 @@ class ResumableMixin:
             state["current_arrays"] = {k: a.numpy() for k, a in self.current_arrays.items()}
             if self.momentum_vector is not None:  # a list, in the order of current_arrays
                 state["momentum_vector"] = dict(zip(names, self.momentum_vector, strict=True))
+        if hasattr(self, "lora_residual_state"):  # lora-aggregation exact (server/lora_aggregation.py)
+            state.update(self.lora_residual_state())
         return state
 
     def load_optimizer_state(self, state: dict[str, dict[str, np.ndarray]]) -> None:
@@ -68,3 +70,5 @@ class ResumableMixin:
                                                for k, v in state["current_arrays"].items()})
         if "momentum_vector" in state:
             self.momentum_vector = list(state["momentum_vector"].values())
+        if hasattr(self, "load_lora_residual_state"):
+            self.load_lora_residual_state(state)

@@ -26,6 +26,7 @@ from common.config import (
 )
 from common.dp import DP_REFUSAL_CODE
 from common.transport import decode_state, encode_state
+from server.lora_aggregation import LoraAggregationMixin
 from server.resume import ResumableMixin
 from server.validation import REASONS, UpdateGuard, screen_replies
 
@@ -130,7 +131,8 @@ class GuardMixin(TrafficMixin):
     Rejected replies are logged and counted in ``traffic.rejected``, and never reach
     the aggregator. With fewer than ``min_train_nodes`` valid replies the strategy
     does not aggregate: ``Strategy.start`` then keeps the previous global arrays.
-    Bases of any strategy: ``class X(ResumableMixin, GuardMixin, FlowerStrategy)``.
+    Bases of any strategy: ``class X(ResumableMixin, GuardMixin, LoraAggregationMixin,
+    FlowerStrategy)`` (server/lora_aggregation.py: the aggregation error, exact modes).
     """
 
     def __init__(self, *, guard: UpdateGuard | None = None, **kwargs):
@@ -173,23 +175,23 @@ def keep_dtypes(arrays: ArrayRecord | None, reference: ArrayRecord) -> ArrayReco
                         for k in arrays})
 
 
-class FedMedianLoRA(ResumableMixin, GuardMixin, FedMedian):
+class FedMedianLoRA(ResumableMixin, GuardMixin, LoraAggregationMixin, FedMedian):
     """Coordinate-wise median of the adapters (ignores example counts)."""
 
 
-class FedTrimmedAvgLoRA(ResumableMixin, GuardMixin, FedTrimmedAvg):
+class FedTrimmedAvgLoRA(ResumableMixin, GuardMixin, LoraAggregationMixin, FedTrimmedAvg):
     """Coordinate-wise mean after cutting a 'trim-beta' fraction from each tail."""
 
 
-class KrumLoRA(ResumableMixin, GuardMixin, Krum):
+class KrumLoRA(ResumableMixin, GuardMixin, LoraAggregationMixin, Krum):
     """The one adapter closest to its n - f - 2 nearest neighbours."""
 
 
-class MultiKrumLoRA(ResumableMixin, GuardMixin, MultiKrum):
+class MultiKrumLoRA(ResumableMixin, GuardMixin, LoraAggregationMixin, MultiKrum):
     """Example-weighted mean of the 'num-clients-to-select' best Krum scores."""
 
 
-class BulyanLoRA(ResumableMixin, GuardMixin, Bulyan):
+class BulyanLoRA(ResumableMixin, GuardMixin, LoraAggregationMixin, Bulyan):
     """MultiKrum selection, then a trimmed mean around the coordinate-wise median."""
 
 
@@ -211,31 +213,31 @@ def build_robust_strategy(cfg: RunConfig, common: dict):
 # --- end update validation ------------------------------------------------------------
 
 
-class FedAvgLoRA(ResumableMixin, GuardMixin, FedAvg):
+class FedAvgLoRA(ResumableMixin, GuardMixin, LoraAggregationMixin, FedAvg):
     """FedAvg over the adapter tensors, weighted by each client's example count."""
 
 
-class FedProxLoRA(ResumableMixin, GuardMixin, FedProx):
+class FedProxLoRA(ResumableMixin, GuardMixin, LoraAggregationMixin, FedProx):
     """FedProx: sends ``proximal-mu``; the client adds the proximal term (objectives)."""
 
 
-class FedAdamLoRA(ResumableMixin, GuardMixin, FedAdam):
+class FedAdamLoRA(ResumableMixin, GuardMixin, LoraAggregationMixin, FedAdam):
     """Server-side Adam over the adapter tensors (Reddi et al., 2021)."""
 
 
-class FedYogiLoRA(ResumableMixin, GuardMixin, FedYogi):
+class FedYogiLoRA(ResumableMixin, GuardMixin, LoraAggregationMixin, FedYogi):
     """Server-side Yogi over the adapter tensors."""
 
 
-class FedAdagradLoRA(ResumableMixin, GuardMixin, FedAdagrad):
+class FedAdagradLoRA(ResumableMixin, GuardMixin, LoraAggregationMixin, FedAdagrad):
     """Server-side Adagrad over the adapter tensors."""
 
 
-class FedAvgMLoRA(ResumableMixin, GuardMixin, FedAvgM):
+class FedAvgMLoRA(ResumableMixin, GuardMixin, LoraAggregationMixin, FedAvgM):
     """FedAvg with server momentum."""
 
 
-class ReptileLoRA(ResumableMixin, GuardMixin, FedAvgM):
+class ReptileLoRA(ResumableMixin, GuardMixin, LoraAggregationMixin, FedAvgM):
     """Reptile's server step, w <- w + epsilon * (avg - w): FedAvgM without momentum
     at server learning rate epsilon (epsilon = 1 is FedAvg)."""
 
@@ -285,6 +287,7 @@ def _build_strategy(cfg: RunConfig):
         train_metrics_aggr_fn=train_metrics,
         guard=UpdateGuard.from_config(cfg),
         transport_dtype=cfg.transport_dtype,
+        lora_aggregation=cfg.lora_aggregation,
     )
     robust = build_robust_strategy(cfg, common)
     if robust is not None:

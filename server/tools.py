@@ -54,8 +54,9 @@ defaults: --model is the run's model (else {BUILTIN_MODEL}); --dtype the run's (
 PLOT_EXAMPLE = """examples:
   fedtune plot runs/20261126-145844       # writes runs/20261126-145844/plots/*.png
 
-Writes loss.png, perplexity.png, clients.png and traffic.png, and epsilon.png when the
-run's history has an epsilon column (differential privacy).
+Writes loss.png, perplexity.png, clients.png and traffic.png, epsilon.png when the
+run's history has an epsilon column (differential privacy), and aggregation.png when it
+has the LoRA aggregation error (agg-error-mean).
 `fedtune simulate` and `fedtune train` run this at the end of every run.
 """
 

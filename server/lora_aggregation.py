@@ -1,0 +1,88 @@
+"""Server side of ``lora-aggregation`` (math in ``common/lora_aggregation.py``).
+
+:class:`LoraAggregationMixin` sits below the update guard and the transport cast in every
+strategy's bases, so it sees the screened float32 replies. Each round it measures how far
+naive averaging is from the mean of the clients' updates (``aggregation_stats``, history
+columns ``agg-error-mean``/``-max``), and in the ``exact`` and ``svd`` modes replaces the
+strategy's per-tensor mean of the LoRA factors:
+
+- ``svd``: the global B, A are the best rank-r factors of the weighted mean of B_i A_i.
+  Nothing but the rank-r adapter travels: the bytes of naive averaging.
+- ``exact`` (FedEx-LoRA): the global B, A are the naive means, and the cumulative residual
+  sum over rounds of (mean(B_i A_i) - B̄ Ā), kept as low-rank factors P, Q per layer
+  (``residual``), goes to every client in each train message (record ``lora-residual``,
+  counted in bytes-sent) and is added to the frozen base weights by a forward hook. Its
+  rank grows by at most (n - 1) r per round (n clients) until it reaches min(d, k); its
+  full-size form never exists except in ``fedtune export``. It is part of the server
+  state (``--resume``) and saved beside each round's adapter (``fedtune evaluate``/``export``).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+
+from common.config import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
+from common.lora_aggregation import LORA_RESIDUAL_KEY, aggregate_lora
+
+RESIDUAL_GROUP = "lora-residual"  # the server state group (server/checkpoints.py) it is saved in
+
+
+class LoraAggregationMixin:
+    """Measures the aggregation error and applies ``lora-aggregation``. Bases order:
+    ``class X(ResumableMixin, GuardMixin, LoraAggregationMixin, FlowerStrategy)``."""
+
+    def __init__(self, *, lora_aggregation: str = "naive", **kwargs):
+        super().__init__(**kwargs)
+        self.lora_aggregation = lora_aggregation
+        self.residual: dict[str, torch.Tensor] = {}  # exact: cumulative residual factors
+        self.aggregation_stats: dict[str, float] = {}  # this round's, for the history
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self.aggregation_stats = {}  # a round that does not aggregate has none
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        if self.residual:  # one record shared by all messages, as Flower shares the arrays
+            record = ArrayRecord({k: Array(v.numpy()) for k, v in self.residual.items()})
+            for message in messages:
+                message.content[LORA_RESIDUAL_KEY] = record
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        # In partition order (else node order): the QR of the stacked factors then does
+        # not depend on which reply came first, nor on the node ids a restarted
+        # simulation draws anew, and a resumed run stays bit-exact.
+        valid = sorted((r for r in replies if not r.has_error()), key=_client_order)
+        if arrays is None or not valid:
+            return arrays, metrics
+        key = getattr(self, "weighted_by_key", NUM_EXAMPLES_KEY)
+        weights = [float(r.content[METRICS_KEY].get(key, 1)) for r in valid]
+        states = [r.content[ARRAYS_KEY].to_torch_state_dict() for r in valid]
+        lora, residual, self.aggregation_stats = aggregate_lora(
+            states, weights, mode=self.lora_aggregation, residual=self.residual)
+        if self.lora_aggregation == "naive":
+            return arrays, metrics
+        if self.lora_aggregation == "exact":
+            self.residual = residual
+        out = {k: (Array(lora[k].numpy()) if k in lora else arrays[k]) for k in arrays}
+        return ArrayRecord(out), metrics
+
+    # --- server state (server/resume.py calls these) ------------------------------------
+    def lora_residual_state(self) -> dict[str, dict[str, np.ndarray]]:
+        return {RESIDUAL_GROUP: {k: v.numpy() for k, v in self.residual.items()}} \
+            if self.residual else {}
+
+    def load_lora_residual_state(self, state: dict[str, dict[str, np.ndarray]]) -> None:
+        self.residual = {k: torch.from_numpy(np.ascontiguousarray(v))
+                         for k, v in state.get(RESIDUAL_GROUP, {}).items()}
+
+
+def _client_order(reply: Message) -> tuple[float, int]:
+    metrics = reply.content[METRICS_KEY]
+    return float(metrics.get("partition-id", -1)), reply.metadata.src_node_id

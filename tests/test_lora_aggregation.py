@@ -1,0 +1,342 @@
+"""lora-aggregation: the error metric, the exact (FedEx-LoRA) and SVD modes against dense
+hand computations, the residual inside a model, the strategy glue, config refusals and a
+bit-exact resume per mode."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from common.config import RunConfig
+from common.lora_aggregation import (
+    LORA_RESIDUAL_KEY, aggregate_lora, exact_aggregate, fold_residual, get_residual,
+    lowrank_sq_norm, naive_error, set_residual, svd_aggregate,
+)
+from server.checkpoints import ServerState
+from server.strategies import build_strategy
+from tests.test_robust import EchoGrid
+
+D, K, R = 12, 9, 3
+WEIGHTS = [30.0, 10.0, 20.0]
+
+
+def _factors(seed: int, n: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    bs = [torch.randn(D, R, generator=g) for _ in range(n)]
+    as_ = [torch.randn(R, K, generator=g) for _ in range(n)]
+    return bs, as_
+
+
+def _dense_mean(bs, as_, weights):
+    w = np.array(weights) / sum(weights)
+    return sum(wi * (b.double() @ a.double()).numpy() for wi, b, a in zip(w, bs, as_))
+
+
+def _naive(bs, as_, weights):
+    w = np.array(weights) / sum(weights)
+    b = sum(wi * bi.double().numpy() for wi, bi in zip(w, bs))
+    a = sum(wi * ai.double().numpy() for wi, ai in zip(w, as_))
+    return b @ a
+
+
+def test_lowrank_norm_and_error_match_dense_computations():
+    bs, as_ = _factors(0)
+    x = torch.cat(bs, dim=1)
+    y = torch.cat(as_, dim=0)
+    assert lowrank_sq_norm(x, y) == pytest.approx(np.linalg.norm((x.double() @ y.double()).numpy()) ** 2,
+                                                  rel=1e-10)
+    mean, naive = _dense_mean(bs, as_, WEIGHTS), _naive(bs, as_, WEIGHTS)
+    expected = np.linalg.norm(mean - naive) / np.linalg.norm(mean)
+    assert naive_error(bs, as_, WEIGHTS) == pytest.approx(expected, rel=1e-9)
+    assert expected > 0.1  # random factors: a large gap, so the check can fail
+    # identical clients: no gap at all (the deviation form does not cancel to noise)
+    assert naive_error([bs[0]] * 3, [as_[0]] * 3, WEIGHTS) < 1e-15
+
+
+def test_exact_mode_global_delta_is_the_weighted_mean_of_the_products():
+    bs, as_ = _factors(1)
+    first = exact_aggregate(bs, as_, WEIGHTS)
+    p, q = first.residual
+    delta = (first.b.double() @ first.a.double() + p.double() @ q.double()).numpy()
+    np.testing.assert_allclose(delta, _dense_mean(bs, as_, WEIGHTS), rtol=1e-5, atol=1e-5)
+    assert p.shape[1] <= (len(bs) - 1) * R  # the deviations sum to zero: rank (n-1) r
+    # round 2: the new residual adds this round's exactly to the previous one
+    bs2, as2 = _factors(2)
+    second = exact_aggregate(bs2, as2, WEIGHTS, residual=(p, q))
+    p2, q2 = second.residual
+    increment = (p2.double() @ q2.double() - p.double() @ q.double()).numpy()
+    np.testing.assert_allclose(increment + (second.b.double() @ second.a.double()).numpy(),
+                               _dense_mean(bs2, as2, WEIGHTS), rtol=1e-5, atol=1e-5)
+    assert second.applied_error < 1e-6 < second.naive_error
+
+
+def test_svd_mode_is_the_rank_r_truncation_and_reports_the_discarded_values():
+    bs, as_ = _factors(3)
+    mean = _dense_mean(bs, as_, WEIGHTS)
+    u, s, vt = np.linalg.svd(mean)
+    result = svd_aggregate(bs, as_, WEIGHTS)
+    assert result.b.shape == (D, R) and result.a.shape == (R, K)
+    np.testing.assert_allclose((result.b.double() @ result.a.double()).numpy(),
+                               (u[:, :R] * s[:R]) @ vt[:R], rtol=1e-4, atol=1e-5)
+    expected = math.sqrt(np.sum(s[R:] ** 2)) / np.linalg.norm(mean)
+    assert result.applied_error == pytest.approx(expected, rel=1e-6)
+    assert 0.01 < result.applied_error < result.naive_error
+    # A keeps the naive mean's Frobenius norm
+    a_mean = sum(w * a for w, a in zip(np.array(WEIGHTS) / sum(WEIGHTS), as_))
+    assert float(torch.linalg.norm(result.a)) == pytest.approx(float(torch.linalg.norm(a_mean)),
+                                                               rel=1e-5)
+
+
+def test_aggregate_lora_pairs_layers_and_leaves_other_tensors_alone():
+    bs, as_ = _factors(4)
+    states = [{"m.q.lora_A.weight": a, "m.q.lora_B.weight": b, "head.weight": torch.ones(2)}
+              for a, b in zip(as_, bs)]
+    arrays, residual, stats = aggregate_lora(states, WEIGHTS, mode="exact")
+    assert set(arrays) == {"m.q.lora_A.weight", "m.q.lora_B.weight"}
+    assert set(residual) == {"m.q.residual_P", "m.q.residual_Q"}
+    assert stats["agg-error-mean"] == stats["agg-error-max"] == pytest.approx(
+        naive_error(bs, as_, WEIGHTS))
+    assert stats["applied-error-max"] < 1e-6 and stats["residual-rank-max"] == residual[
+        "m.q.residual_P"].shape[1]
+    arrays, residual, stats = aggregate_lora(states, WEIGHTS, mode="naive")
+    assert arrays == {} and residual == {} and stats["applied-error-mean"] == stats["agg-error-mean"]
+    with pytest.raises(ValueError, match="lora-aggregation must be one of naive, exact, svd"):
+        aggregate_lora(states, WEIGHTS, mode="fedex")
+
+
+def test_residual_hook_equals_folding_it_into_the_base_weights(tiny_cfg):
+    from common.model import get_model
+
+    model = get_model(tiny_cfg)
+    layer = next(n for n, _ in model.named_modules() if n.endswith("q_proj"))
+    g = torch.Generator().manual_seed(5)
+    lora = model.get_submodule(layer)
+    d, k = lora.base_layer.weight.shape
+    residual = {f"{layer}.residual_P": torch.randn(d, 5, generator=g) * 0.1,
+                f"{layer}.residual_Q": torch.randn(5, k, generator=g) * 0.1}
+    ids = torch.tensor([[1, 5, 9, 14, 3]])
+    model.eval()
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        set_residual(model, residual)
+        hooked = model(input_ids=ids).logits
+        assert get_residual(model).keys() == residual.keys()
+        set_residual(model, {})  # removed again: the cached model is shared by clients
+        assert torch.equal(model(input_ids=ids).logits, plain) and not get_residual(model)
+        set_residual(model, residual)
+        original = lora.base_layer.weight.clone()
+        assert fold_residual(model) == 1
+        folded = model(input_ids=ids).logits
+        lora.base_layer.weight.copy_(original)  # leave the cached model as it was
+    assert not torch.allclose(hooked, plain)
+    torch.testing.assert_close(folded, hooked, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg, match", [
+    (dict(strategy="krum", num_clients=4, min_train_clients=4), "not a weighted mean"),
+    (dict(ffa_lora=True), "'ffa-lora' already makes the mean exact"),
+    (dict(client_dp="server-fixed"), "'client-dp' clips"),
+    (dict(dp_sgd=True), "'dp-sgd'"),
+])
+def test_incompatible_pairings_are_refused_in_one_line(cfg, match):
+    with pytest.raises(ValueError, match=match) as err:
+        RunConfig(lora_aggregation="exact", **cfg)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="lora-aggregation' must be one of"):
+        RunConfig.from_mapping({"lora-aggregation": "fedex"})
+    RunConfig(lora_aggregation="svd", dp_sgd=True)  # post-processing: allowed
+
+
+# --- the strategy: error history, residual in messages and bytes, resume ----------------
+SHAPES = {"m.q.lora_A.weight": (R, K), "m.q.lora_B.weight": (D, R), "head.weight": (2,)}
+
+
+def _answer(seen: list):
+    def answer(msg: Message) -> Message:
+        server_round = int(msg.content["config"]["server-round"])
+        node = msg.metadata.dst_node_id
+        seen.append((server_round, LORA_RESIDUAL_KEY in msg.content.array_records))
+        g = torch.Generator().manual_seed(100 * server_round + node)
+        arrays = {k: torch.from_numpy(a.numpy().copy()) + 0.3 * torch.randn(a.shape, generator=g)
+                  for k, a in msg.content["arrays"].items()}
+        content = RecordDict({"arrays": ArrayRecord(arrays),
+                              "metrics": MetricRecord({"train-loss": 1.0, "num-examples": 10 * node})})
+        return Message(content=content, reply_to=msg)
+    return answer
+
+
+def _start(strategy, initial, num_rounds, seen):
+    out = {}
+    # two nodes: Flower samples them in random order and a float sum of two terms is
+    # order-free (the existing FedAvg resume tests do the same)
+    strategy.start(grid=EchoGrid([1, 2], _answer(seen)), initial_arrays=initial,
+                   num_rounds=num_rounds, train_config=ConfigRecord(),
+                   evaluate_fn=lambda r, arrays: out.update({r: (arrays, dict(strategy.residual))}))
+    return out
+
+
+def _initial():
+    return ArrayRecord({k: torch.zeros(s) + 0.1 for k, s in SHAPES.items()})
+
+
+@pytest.mark.parametrize("mode", ["naive", "exact", "svd"])
+def test_strategy_modes_resume_bit_identically(mode, flower_identity):
+    cfg = RunConfig(num_clients=2, max_update_norm_ratio=0, lora_aggregation=mode)
+    seen_whole = []
+    whole = _start(build_strategy(cfg), _initial(), 3, seen_whole)
+    first = build_strategy(cfg)
+    seen_split = []
+    after_one = _start(first, _initial(), 1, seen_split)[1][0]
+    saved = ServerState(server_round=1, arrays={k: a.numpy() for k, a in after_one.items()},
+                        optimizer=first.optimizer_state())
+    assert ("lora-residual" in saved.optimizer) == (mode == "exact")
+    assert first.aggregation_stats["agg-error-mean"] > 0.01
+    second = build_strategy(cfg)
+    second.load_optimizer_state(saved.optimizer)
+    second.round_offset = 1
+    resumed = _start(second, ArrayRecord({k: torch.from_numpy(v.copy())
+                                          for k, v in saved.arrays.items()}), 2, seen_split)
+    arrays, residual = resumed[2]
+    for k, a in whole[3][0].items():
+        assert np.array_equal(a.numpy(), arrays[k].numpy()), k
+    assert whole[3][1].keys() == residual.keys()
+    assert all(torch.equal(whole[3][1][k], residual[k]) for k in residual)
+    # the residual reaches the clients from round 2 on, in exact mode only
+    assert sorted(seen_whole) == sorted(seen_split)
+    assert {has for rnd, has in seen_whole if rnd >= 2} == {mode == "exact"}
+    # the head is averaged as usual in every mode
+    assert not np.allclose(whole[3][0]["head.weight"].numpy(), 0.1)
+
+
+def test_exact_mode_counts_the_residual_in_bytes_sent(flower_identity):
+    sent = {}
+    for mode in ("naive", "exact"):
+        strategy = build_strategy(RunConfig(num_clients=2, max_update_norm_ratio=0,
+                                            lora_aggregation=mode))
+        _start(strategy, _initial(), 2, [])
+        sent[mode] = strategy.traffic.bytes_sent  # round 2's
+    residual_floats = sum(v.numel() for v in strategy.residual.values())
+    assert residual_floats and sent["exact"] - sent["naive"] >= 2 * 4 * residual_floats * 0.95
+
+
+# --- a real simulation per mode: 2 rounds + --resume == 4 rounds; evaluate reproduces it -
+@pytest.mark.parametrize("mode", ["exact", "svd"])
+def test_real_run_resumes_bit_exactly_and_evaluate_reproduces_the_server(
+        tiny_model_dir, tiny_dataset, tmp_path, mode):
+    from safetensors.torch import load_file
+
+    from common.lora_aggregation import RESIDUAL_FILE
+    from tests.test_cli import fedtune
+    from tests.test_resume import _simulate
+
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    flags = ("--lora-aggregation", mode)
+    _simulate(tiny_model_dir, tiny_dataset, whole, "fedavg", 4, *flags)
+    _simulate(tiny_model_dir, tiny_dataset, split, "fedavg", 2, *flags)
+    _simulate(tiny_model_dir, tiny_dataset, split, "fedavg", 4, *flags, "--resume", str(split))
+    files = ["adapter_model.safetensors"] + ([RESIDUAL_FILE] if mode == "exact" else [])
+    assert (whole / "adapter" / RESIDUAL_FILE).exists() == (mode == "exact")
+    for name in files + ["../../state/round-4.safetensors"]:
+        a, b = load_file(whole / "adapter" / name), load_file(split / "adapter" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    rows = [json.loads(l) for l in (split / "history.jsonl").read_text().splitlines()]
+    whole_rows = [json.loads(l) for l in (whole / "history.jsonl").read_text().splitlines()]
+    assert [r["eval-loss"] for r in rows] == [r["eval-loss"] for r in whole_rows]
+    assert all(r["agg-error-mean"] > 0 and r["applied-error-max"] < r["agg-error-max"]
+               for r in rows[1:])
+    assert (rows[-1].get("residual-rank-max", 0) > 0) == (mode == "exact")
+    # `fedtune evaluate` on the run folder gives the loss the server logged for round 4
+    result = fedtune("evaluate", "--adapter", str(split), "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout)["loss"] == pytest.approx(rows[-1]["eval-loss"], rel=1e-6)
+
+
+# --- heterogeneous ranks: truncate for the client, pad the reply, SVD on the server ------
+def test_truncate_and_pad_keep_each_clients_scaled_update():
+    from common.lora_aggregation import pad_to_rank, truncate_to_rank
+
+    g = torch.Generator().manual_seed(7)
+    big, small = 4, 2  # global rank R, client rank r; peft scaling alpha / rank
+    sent = {"m.lora_B.weight": torch.randn(D, big, generator=g),
+            "m.lora_A.weight": torch.randn(big, K, generator=g), "head": torch.ones(2)}
+    local = truncate_to_rank(sent, rank=small, global_rank=big)
+    assert local["m.lora_B.weight"].shape == (D, small) and local["head"] is sent["head"]
+    # the client's update (1/r) B_r A_r is the global's first r components, (1/R) B[:, :r] A[:r]
+    torch.testing.assert_close(local["m.lora_B.weight"] @ local["m.lora_A.weight"] / small,
+                               sent["m.lora_B.weight"][:, :small] @ sent["m.lora_A.weight"][:small] / big)
+    trained = {"m.lora_B.weight": torch.randn(D, small, generator=g),
+               "m.lora_A.weight": torch.randn(small, K, generator=g), "head": torch.ones(2)}
+    reply = pad_to_rank(trained, sent, rank=small, global_rank=big)
+    assert reply["m.lora_A.weight"].shape == (big, K)
+    torch.testing.assert_close(reply["m.lora_B.weight"] @ reply["m.lora_A.weight"] / big,
+                               trained["m.lora_B.weight"] @ trained["m.lora_A.weight"] / small)
+    with pytest.raises(ValueError, match="client LoRA rank 8 must be in"):
+        truncate_to_rank(sent, rank=8, global_rank=big)
+
+
+def test_mixed_ranks_aggregate_to_the_hand_computed_truncated_mean():
+    from common.lora_aggregation import pad_to_rank
+
+    g = torch.Generator().manual_seed(8)
+    big, ranks, weights = 4, [1, 2, 4], [10.0, 20.0, 30.0]
+    sent = {"m.lora_B.weight": torch.randn(D, big, generator=g),
+            "m.lora_A.weight": torch.randn(big, K, generator=g)}
+    clients = [{"m.lora_B.weight": torch.randn(D, r, generator=g),
+                "m.lora_A.weight": torch.randn(r, K, generator=g)} for r in ranks]
+    replies = [pad_to_rank(c, sent, rank=r, global_rank=big) for c, r in zip(clients, ranks)]
+    arrays, _, stats = aggregate_lora(replies, weights, mode="svd")
+    # by hand: the weighted mean of the clients' scaled updates (1/r_i) B_i A_i, best rank R
+    w = np.array(weights) / sum(weights)
+    mean = sum(wi * (c["m.lora_B.weight"].double() @ c["m.lora_A.weight"].double()).numpy() / r
+               for wi, c, r in zip(w, clients, ranks))
+    u, s, vt = np.linalg.svd(mean)
+    got = (arrays["m.lora_B.weight"].double() @ arrays["m.lora_A.weight"].double()).numpy() / big
+    np.testing.assert_allclose(got, (u[:, :big] * s[:big]) @ vt[:big], rtol=1e-4, atol=1e-5)
+    expected = math.sqrt(np.sum(s[big:] ** 2)) / np.linalg.norm(mean)
+    assert stats["applied-error-max"] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("values, match", [
+    (dict(client_lora_ranks="4,8", lora_r=8, num_clients=2), "needs 'lora-aggregation' svd"),
+    (dict(client_lora_ranks="4,16", lora_r=8, num_clients=2, lora_aggregation="svd"), r"each in \[1, lora-r 8\]"),
+    (dict(client_lora_ranks="4,8", lora_r=8, num_clients=3, min_train_clients=2,
+          lora_aggregation="svd"), "one rank per client"),
+    (dict(client_lora_ranks="4,x", lora_aggregation="svd"), "comma separated integers"),
+])
+def test_heterogeneous_rank_config_refusals(values, match):
+    with pytest.raises(ValueError, match=match):
+        RunConfig(**values)
+    assert RunConfig(client_lora_ranks="2,4", lora_r=4, num_clients=2,
+                     lora_aggregation="svd").client_rank_list == [2, 4]
+
+
+def test_a_real_run_with_mixed_ranks(tiny_model_dir, tiny_dataset, tmp_path):
+    from tests.test_cli import fedtune
+
+    run = tmp_path / "mixed"
+    result = fedtune("simulate", "--model", str(tiny_model_dir), "--dataset", str(tiny_dataset),
+                     "--categories", "", "--num-clients", "2", "--local-steps", "2",
+                     "--batch-size", "4", "--eval-examples", "8", "--max-length", "64",
+                     "--lora-r", "4", "--client-lora-ranks", "2,4", "--lora-aggregation", "svd",
+                     "--num-server-rounds", "2", "--run-dir", str(run))
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    clients = [json.loads(l) for l in (run / "clients.jsonl").read_text().splitlines()]
+    assert sorted((c["partition-id"], c["lora-r"]) for c in clients) == [(0, 2), (0, 2), (1, 4), (1, 4)]
+    rows = [json.loads(l) for l in (run / "history.jsonl").read_text().splitlines()]
+    assert all(r["aggregated"] == 1 and r["rejected"] == 0 for r in rows[1:])
+
+
+def test_plot_draws_the_aggregation_error_when_the_history_has_it(tmp_path):
+    from server.plots import plot_run
+
+    rows = [{"round": 0, "eval-loss": 4.0},
+            {"round": 1, "eval-loss": 3.0, "train-loss": 3.5, "agg-error-mean": 0.04,
+             "agg-error-max": 0.1, "applied-error-mean": 0.0, "applied-error-max": 1e-7}]
+    (tmp_path / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    names = [p.name for p in plot_run(tmp_path)]
+    assert "aggregation.png" in names and (tmp_path / "plots" / "aggregation.png").stat().st_size > 0
+    (tmp_path / "history.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    assert "aggregation.png" not in [p.name for p in plot_run(tmp_path)]
