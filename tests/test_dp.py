@@ -382,6 +382,7 @@ def test_a_round_flower_dp_refuses_is_recorded_as_not_aggregated(tiny_cfg, flowe
     assert traffic.bytes_received > 0
 
 
+@pytest.mark.slow
 def test_dp_simulation_records_epsilon_per_round(tiny_model_dir, tmp_path):
     data = write_records(tmp_path / "d.jsonl", per_category=40)
     run_dir = tmp_path / "run"

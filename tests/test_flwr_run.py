@@ -38,6 +38,7 @@ def _kill_superlinks(flwr_home: Path) -> None:
             return
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_port_in_use(LOCAL_SUPERLINK_PORT),
                     reason="a SuperLink already listens on 39091; `flwr run` would reuse it")
 def test_flwr_run_completes_a_federation_with_algorithms_from_config(tiny_model_dir, tiny_dataset, tmp_path):

@@ -223,6 +223,7 @@ def test_exact_mode_counts_the_residual_in_bytes_sent(flower_identity):
 
 
 # --- a real simulation per mode: 2 rounds + --resume == 4 rounds; evaluate reproduces it -
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["exact", "svd"])
 def test_real_run_resumes_bit_exactly_and_evaluate_reproduces_the_server(
         tiny_model_dir, tiny_dataset, tmp_path, mode):

@@ -167,6 +167,7 @@ def _adapter(path: Path) -> dict:
     return load_file(path / "adapter_model.safetensors")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])
 def test_two_rounds_then_resume_equals_four_rounds(tiny_model_dir, tiny_dataset, tmp_path, strategy):
     whole, split = tmp_path / "whole", tmp_path / "split"

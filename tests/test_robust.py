@@ -181,6 +181,7 @@ def test_robust_settings_are_checked_at_config_time(values, message):
         RunConfig.from_mapping(values)
 
 
+@pytest.mark.slow
 def test_a_crashing_client_does_not_stop_the_run(tiny_model_dir, tiny_dataset, tmp_path,
                                                  monkeypatch):
     """3 clients, min-train-clients 2, partition 1 raises in every round (test hook in

@@ -25,6 +25,7 @@ def certs(tmp_path) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_superlink_and_supernodes_on_loopback_with_tls_and_node_auth(
         certs, tiny_model_dir, tmp_path):
     flwr_home, run_dir = tmp_path / "flwr-home", tmp_path / "run"
