@@ -84,7 +84,7 @@ def test_two_clients_two_rounds_end_to_end(tiny_model_dir, tiny_dataset, tmp_pat
     run_log = (run_dir / "run.log").read_text()
     assert run_log.count("fedtune | round") == 3 and "try it: fedtune generate" in run_log
     assert sorted(p.name for p in (run_dir / "plots").glob("*.png")) == [
-        "clients.png", "loss.png", "perplexity.png", "traffic.png"]
+        "aggregation.png", "clients.png", "loss.png", "perplexity.png", "traffic.png"]
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
     history = [json.loads(l) for l in (run_dir / "history.jsonl").read_text().splitlines()]
