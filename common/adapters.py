@@ -117,6 +117,10 @@ def attach_adapter(base, folder: Path, *, model_name: str):
             # errors would otherwise come after three lines of this FutureWarning.
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing",
                                     category=FutureWarning)
+            # The adapter names the public Hub id of the built-in model (portable), while
+            # fedtune loads that model from its local copy: peft's rename notice is expected.
+            warnings.filterwarnings("ignore", message=".*`base_model_name_or_path` was renamed",
+                                    category=UserWarning)
             model = get_peft_model(base, config)
         set_adapter_state(model, read_adapter_weights(folder))
         set_residual(model, load_residual(folder))  # lora-aggregation exact (if saved)

@@ -161,7 +161,8 @@ def _parse_json(text: str, where: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{where} is not JSON: {err.msg} (column {err.colno})") from None
+        raise ValueError(f"{where} is not JSON: {err.msg} (column {err.colno}); fix or delete it "
+                         "(--on-bad-record skip leaves out bad records, not text that is not JSON)") from None
     except RecursionError:  # json's C decoder recurses per nesting level
         raise ValueError(f"{where} is nested too deeply to parse") from None
 

@@ -27,11 +27,11 @@ class DataReport:
     splits: dict
     skipped: tuple
 
-    def lines(self) -> list[str]:
+    def lines(self, *, where: str = " (see run.log)") -> list[str]:
         out = [f"{name}: {stats.line()}" for name, stats in self.splits.items()]
         if self.skipped:
             n = len(self.skipped)
-            out.append(f"{n} record{'s' if n != 1 else ''} skipped (see run.log)")
+            out.append(f"{n} record{'s' if n != 1 else ''} skipped{where}")
         return out
 
     def to_json(self) -> dict:

@@ -28,7 +28,10 @@ fi
 
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
+PIP="pip_quiet .venv/bin/python -m pip --disable-pip-version-check -q"
+# pip's warnings about a configured local index folder that lacks a package are noise
+# (~120 lines on machines whose pip.conf lists file:// indexes); everything else passes.
+pip_quiet() { "$@" 2> >(grep -v "^WARNING: Location 'file:" >&2); }
 
 # A torch wheel on local disk (CPU build) wins over a multi-GB CUDA download.
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then

@@ -41,6 +41,8 @@ NOISE = (
     # Ray 2.4x announces a future default about GPU visibility; no GPU is asked for
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO",
     "FutureWarning: Tip: In future versions of Ray",
+    # Flower stops its Ray actors this way at the end of every simulation
+    "Manually terminating ClientAppActor",
 )
 
 

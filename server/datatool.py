@@ -49,7 +49,7 @@ def data_command(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
         return 0
     color = sys.stdout.isatty()
-    for line in report.lines():
+    for line in report.lines(where=" (listed below)" if report.skipped else ""):
         print(line)
     for where, reason in report.skipped:
         print(f"  skipped {where}: {reason}")
