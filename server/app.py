@@ -20,7 +20,7 @@ from common.train import evaluate
 from server.privacy import client_level_epsilon
 from server.checkpoints import RunFolder, ServerState, check_resumable, record_data_stats
 from server.strategies import build_strategy
-from server.summary import finish_run
+from server.summary import EVALUATION_OFF, finish_run
 from server.tracking import TensorBoardLog
 
 log = logging.getLogger("fedtune")
@@ -153,7 +153,6 @@ class RoundHook:
         return MetricRecord({k: float(v) for k, v in row.items() if k != "round"})
 
 
-EVALUATION_OFF = "evaluation off"  # printed where a run without evaluation has no metrics
 _SHORT_NAMES = {"eval-perplexity": "ppl", "eval-token-accuracy": "token acc",
                "eval-accuracy": "acc", "eval-macro-f1": "macro-F1"}
 

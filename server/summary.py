@@ -21,6 +21,7 @@ TRY_PROMPT = "Define the word 'otter' (noun)."
 # `fedtune simulate` tells its child how the user invoked fedtune (server/cli.py), so
 # the try-it line printed by the ServerApp can be pasted into the same shell.
 INVOKED_AS_ENV = "FEDTUNE_INVOKED_AS"
+EVALUATION_OFF = "evaluation off"  # printed where a run without evaluation has no metrics
 
 
 def finish_run(cfg: RunConfig, run_dir: Path, seconds: float) -> None:
@@ -63,7 +64,6 @@ def try_prompt(cfg: RunConfig) -> str:
 def print_summary(run_dir: Path, seconds: float, prompt: str = TRY_PROMPT) -> None:
     """The table, the headline and a command to try the model; also kept in run.log.
     A run without evaluation (eval-examples 0) says so instead of printing metrics."""
-    from server.app import EVALUATION_OFF
     from server.checkpoints import RunFolder
 
     run = RunFolder(run_dir)
