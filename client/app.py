@@ -18,7 +18,7 @@ from common.data import batches_forever, local_examples, partition_examples
 from common.lora_aggregation import LORA_RESIDUAL_KEY, pad_to_rank, set_residual, truncate_to_rank
 from common.model import adapter_state, get_model, load_tokenizer, set_adapter_state
 from common.objectives import build_objective
-from common.runtime import config_from_run_config, setup_process
+from common.runtime import config_from_run_config, release_memory, setup_process
 from common.train import evaluate as evaluate_model
 from common.train import train_steps
 from client.faults import corrupt_if_asked, crash_if_asked
@@ -135,6 +135,7 @@ def train(msg: Message, context: Context) -> Message:
         metrics[DP_EPSILON_KEY] = private.accountant.epsilon(private.plan.delta)
         metrics["dp-noise-multiplier"] = private.plan.noise_multiplier
         metrics["dp-steps"] = private.accountant.steps
+    release_memory()  # this process serves other clients next: give back the step's peak
     state = adapter_state(model)
     if cfg.client_rank_list or "lora-r" in context.node_config:  # back to the global shapes
         rank, global_rank = _client_rank(context, cfg), cfg.lora_r

@@ -41,7 +41,7 @@ STRATEGIES = (
 KRUM_STRATEGIES = ("krum", "multikrum", "bulyan")
 PARTITIONERS = ("natural", "iid", "dirichlet")
 LR_SCHEDULES = ("constant", "linear", "cosine")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 TRANSPORT_DTYPES = ("float32", "float16", "bfloat16")
 DATA_FORMATS = ("auto", "instruction", "chat")
 TRUNCATIONS = ("drop", "keep-start")
@@ -76,7 +76,13 @@ class RunConfig:
         "package); no Hub needed for the built-ins.",
         default=BUILTIN_MODEL,
     )
-    dtype: str = _opt(f"Base weight dtype, one of {DTYPES}.", default="float32")
+    dtype: str = _opt(
+        f"Base weights and compute precision, one of {DTYPES}. 'auto': bfloat16 where the "
+        "hardware multiplies it natively (a CPU with AMX or AVX-512 BF16, a CUDA GPU with "
+        "bf16), else float32; float32 under dp-sgd. LoRA weights, optimizer state, loss "
+        "and the adapters sent and saved stay float32 in every case.",
+        default="auto",
+    )
     device: str = _opt(
         "Where each process trains and evaluates: 'auto' (the first CUDA GPU if torch "
         "sees one, else the CPU), 'cpu', 'cuda' or 'cuda:N'.",
@@ -90,7 +96,18 @@ class RunConfig:
     # --- LoRA --------------------------------------------------------------------
     lora_r: int = _opt("LoRA rank.", default=8)
     lora_alpha: float = _opt("LoRA alpha (scale = alpha / r).", default=16.0)
-    lora_dropout: float = _opt("Dropout on the LoRA input.", default=0.05)
+    lora_dropout: float = _opt(
+        "Dropout on the LoRA input (0: off). On: peft draws a Bernoulli mask and keeps a "
+        "copy of the input for every adapted layer and step, a fifth of a CPU step's time "
+        "(docs/benchmarks.md, speed); a regularizer for small data (docs/algorithms.md).",
+        default=0.0,
+    )
+    gradient_checkpointing: bool = _opt(
+        "Recompute each decoder layer's activations in the backward pass instead of "
+        "keeping them (torch.utils.checkpoint through transformers): less memory per "
+        "client, about a third more compute per step.",
+        default=False,
+    )
     lora_target_modules: str = _opt(
         "Comma separated module names to adapt, or 'all-linear'.", default="all-linear"
     )
@@ -128,6 +145,11 @@ class RunConfig:
         "partitioning, or with eval-dataset the first of its shuffled records (fewer if "
         "it has fewer). 0: evaluation off, nothing held out.",
         default=96,
+    )
+    eval_every: int = _opt(
+        "Server evaluation every N rounds: rounds 0, N, 2N, ... and always the last "
+        "(1: every round). Clients wait while the server evaluates.",
+        default=1,
     )
     eval_dataset: str = _opt(
         "Evaluation data in its own source (file, folder or Hub name, as dataset): the "
@@ -353,7 +375,7 @@ class RunConfig:
         _check_choice("partitioner", self.partitioner, PARTITIONERS)
         _check_choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
         _check_choice("strategy", self.strategy, STRATEGIES)
-        for name in ("num-threads", "lora-r", "batch-size", "grad-accum", "local-steps",
+        for name in ("num-threads", "eval-every", "lora-r", "batch-size", "grad-accum", "local-steps",
                      "eval-batch-size", "num-server-rounds", "num-clients",
                      "min-train-clients", "max-length"):
             if getattr(self, _attr(name)) < 1:
@@ -407,6 +429,10 @@ class RunConfig:
             )
         if not 0.0 <= self.trim_beta < 0.5:
             raise ValueError(f"config 'trim-beta' must be in [0, 0.5), got {self.trim_beta}")
+        if self.gradient_checkpointing and self.dp_sgd:
+            raise ValueError(
+                "config 'gradient-checkpointing' with 'dp-sgd': Opacus' per-sample gradient "
+                "hooks would run twice per layer in the recomputed forward; unset one of them")
         if self.eval_dataset and not self.eval_examples:
             raise ValueError(
                 f"config 'eval-dataset' is {self.eval_dataset!r} but 'eval-examples' is 0 "

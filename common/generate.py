@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from common.precision import autocast
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -40,7 +42,8 @@ def generate(model, tokenizer, prompt: str, sampling: Sampling) -> str:
     torch.manual_seed(sampling.seed)
     model.eval()
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
-    out = model.generate(**inputs, **options)
+    with autocast(model):  # a 16-bit base with fp32 LoRA weights computes in 16 bits
+        out = model.generate(**inputs, **options)
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 

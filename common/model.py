@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from common.config import BUILTIN_CLASSIFIER, BUILTIN_MODEL, RunConfig
+from common.precision import TORCH_DTYPES, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,6 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # converted folder is an absolute path in this user's cache). fedtune itself loads the
 # base from the run's config ('smollm2-135m-instruct'), offline, from the pip package.
 BUILTIN_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # One base model (with its LoRA wrapper) and tokenizer per process: loading costs more
 # than a round, and simulated clients sharing a process must not each hold a copy.
@@ -116,6 +116,38 @@ def ensure_builtin_model() -> Path:
     return target
 
 
+def builtin_model_in(dtype: torch.dtype) -> Path:
+    """The built-in model's folder with its weights stored in ``dtype`` (bf16: written
+    once from the float32 folder, under the same lock and atomic rename).
+
+    Why a second copy on disk: transformers memory-maps safetensors, and weights stored
+    in the dtype asked for are used in place, so every process of a run (the server,
+    each Ray actor) shares one page-cache copy; converting on load instead gives each
+    process a private copy (+269 MB per process, docs/benchmarks.md, memory)."""
+    source = ensure_builtin_model()
+    if dtype == torch.float32:
+        return source
+    target = source.parent / f"{BUILTIN_MODEL}-{str(dtype).removeprefix('torch.')}"
+    if (target / "config.json").exists():
+        return target
+    with open(source.parent / f".{BUILTIN_MODEL}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "config.json").exists():
+            return target
+        from transformers import AutoModelForCausalLM
+
+        tmp = Path(tempfile.mkdtemp(dir=source.parent, prefix=".convert-"))
+        try:
+            AutoModelForCausalLM.from_pretrained(source, dtype=dtype).save_pretrained(tmp)
+            for name in os.listdir(source):  # tokenizer and generation files, as they are
+                if not (tmp / name).exists() and (source / name).is_file():
+                    shutil.copy2(source / name, tmp / name)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def _add_transformers4_keys_once(folder: Path) -> None:
     """Idempotent, and each file is replaced atomically: concurrent callers are safe."""
     import json
@@ -155,22 +187,26 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load_base_model(name: str, dtype: str = "float32", num_labels: int = 0,
-                    device: str = "cpu"):
+                    device: str = "cpu", *, dp_sgd: bool = False):
     """A causal LM, or a sequence classifier with a new ``num_labels`` head, on
-    ``device``. Placed before peft or Opacus wrap it: moving a model after wrapping is
+    ``device``, its weights in ``dtype`` ('auto': ``common.precision.resolve_dtype``).
+    Placed before peft or Opacus wrap it: moving a model after wrapping is
     the class of bug that silently corrupts LoRA updates under DP (opacus issue 820)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = resolve_model_path(name)
+    torch_dtype = TORCH_DTYPES[resolve_dtype(dtype, resolve_device(device), dp_sgd=dp_sgd)]
+    if name == BUILTIN_MODEL and not num_labels:
+        path = str(builtin_model_in(torch_dtype))  # used in place: shared between processes
     try:
         if num_labels:
             # The head is new by design (trained, then sent with the adapter), so
             # transformers' "classifier MISSING ... consider training" report only alarms.
             with _transformers_errors_only():
                 model = AutoModelForSequenceClassification.from_pretrained(
-                    path, num_labels=num_labels, dtype=_DTYPES[dtype])
+                    path, num_labels=num_labels, dtype=torch_dtype)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     except OSError as err:
         raise FileNotFoundError(
             f"cannot load model '{name}': {str(err).splitlines()[0]} (is the name or "
@@ -216,16 +252,17 @@ def get_model(cfg: RunConfig):
         from common.data import class_labels
 
         num_labels = len(class_labels(cfg))
+    dtype = resolve_dtype(cfg.dtype, resolve_device(cfg.device), dp_sgd=cfg.dp_sgd)
     key = (
-        resolve_model_path(cfg.model), cfg.dtype, cfg.lora_r, cfg.lora_alpha,
+        resolve_model_path(cfg.model), dtype, cfg.lora_r, cfg.lora_alpha,
         cfg.lora_dropout, cfg.lora_target_modules, cfg.seed, num_labels, cfg.ffa_lora,
-        cfg.device,
+        cfg.device, cfg.gradient_checkpointing,
     )
     if key not in _MODELS:
         from peft import get_peft_model
 
         torch.manual_seed(cfg.seed)  # LoRA A and the classifier head start the same everywhere
-        base = load_base_model(cfg.model, cfg.dtype, num_labels, device=cfg.device)
+        base = load_base_model(cfg.model, dtype, num_labels, device=cfg.device)
         try:
             model = get_peft_model(base, lora_config(cfg))
         except ValueError as err:
@@ -233,6 +270,24 @@ def get_model(cfg: RunConfig):
                 f"config 'lora-target-modules' = {cfg.lora_target_modules!r} does not fit "
                 f"model '{cfg.model}': {err}"
             ) from None
+        # Over a 16-bit base, peft keeps LoRA weights float32 but a classifier head
+        # (modules_to_save) is a copy in the base's dtype: train every weight in fp32.
+        for param in model.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
+        if dtype != "float32":
+            # Every forward runs under common.precision.autocast, which multiplies the
+            # 16-bit inputs with the fp32 LoRA weights in 16 bits. peft's own cast of
+            # each LoRA input to fp32 first only keeps an fp32 copy of it for backward:
+            # -150 MB and ~10% of a CPU step without it, same loss (docs/benchmarks.md).
+            for module in model.modules():
+                if hasattr(module, "cast_input_dtype_enabled"):
+                    module.cast_input_dtype_enabled = False
+        if cfg.gradient_checkpointing:
+            # non-reentrant: gradients reach the LoRA weights although the embeddings'
+            # outputs do not require grad (no enable_input_require_grads needed)
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.ffa_lora:
             freeze_lora_a(model)
         model.fedtune_model_name = cfg.model  # as given: what saved adapters record
@@ -329,7 +384,7 @@ def load_teacher(cfg: RunConfig):
     Teacher and student must share the tokenizer: the KL compares distributions over
     the same token ids, so a different vocabulary would silently compare nonsense.
     """
-    key = (cfg.distill_teacher, cfg.dtype)
+    key = (cfg.distill_teacher, resolve_dtype(cfg.dtype, resolve_device(cfg.device)))
     if key in _TEACHERS:
         return _TEACHERS[key]
     student_vocab = load_tokenizer(cfg.model).get_vocab()
@@ -340,7 +395,7 @@ def load_teacher(cfg: RunConfig):
             f"than the student {cfg.model!r} ({len(teacher_vocab)} vs {len(student_vocab)} "
             "tokens, or different ids): pick a teacher from the same model family"
         )
-    teacher = load_base_model(cfg.distill_teacher, cfg.dtype, device=cfg.device).eval()
+    teacher = load_base_model(cfg.distill_teacher, key[1], device=cfg.device).eval()
     teacher.requires_grad_(False)
     _TEACHERS[key] = teacher
     return teacher

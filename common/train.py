@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from common.config import RunConfig
 from common.data import IGNORE_INDEX, batches_once
 from common.objectives import Objective, response_logits, token_nll
+from common.precision import autocast
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,9 @@ def _loop(model, optimizer, batches, objective, cfg: RunConfig, *, num_steps: in
         weights = accumulation_weights(micro)
         for batch, weight in zip(micro, weights):
             batch = to_device(batch, device)
-            loss = objective(model, batch) * weight if weight != 1.0 else objective(model, batch)
+            with autocast(model):  # 16-bit base: bf16 matmuls, fp32 LoRA weights and loss
+                loss = objective(model, batch)
+            loss = loss * weight if weight != 1.0 else loss
             loss.backward()
             step_loss += float(loss.detach())
             examples += batch["input_ids"].shape[0]
@@ -168,9 +171,10 @@ def evaluate(model: torch.nn.Module, examples: list[dict], *, batch_size: int,
     was_training = model.training
     model.eval()
     try:
-        if examples and "label" in examples[0]:
-            return _evaluate_classification(model, examples, batch_size, pad_token_id)
-        return _evaluate_causal_lm(model, examples, batch_size, pad_token_id)
+        with autocast(model):
+            if examples and "label" in examples[0]:
+                return _evaluate_classification(model, examples, batch_size, pad_token_id)
+            return _evaluate_causal_lm(model, examples, batch_size, pad_token_id)
     finally:
         model.train(was_training)
 

@@ -15,7 +15,7 @@ from common.config import DP_EPSILON_KEY, RunConfig
 from common.data import heldout_examples
 from common.lora_aggregation import set_residual
 from common.model import adapter_state, get_model, load_tokenizer, set_adapter_state
-from common.runtime import config_from_run_config, setup_process
+from common.runtime import config_from_run_config, release_memory, setup_process
 from common.train import evaluate
 from server.privacy import client_level_epsilon
 from server.checkpoints import RunFolder, ServerState, check_resumable, record_data_stats
@@ -97,6 +97,12 @@ class RoundHook:
         self.tensorboard = TensorBoardLog(run.path) if cfg.tensorboard else None
         self.releases = 0  # aggregated rounds: the releases client-level DP accounts
 
+    def evaluates(self, server_round: int) -> bool:
+        """Whether round ``server_round`` is evaluated: never with evaluation off
+        (eval-examples 0), else rounds 0, N, 2N, ... of eval-every N and the last."""
+        return bool(self.heldout) and (server_round % self.cfg.eval_every == 0
+                                       or server_round >= self.cfg.num_server_rounds)
+
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         server_round += self.offset
         if self.offset and server_round == self.offset:
@@ -105,9 +111,10 @@ class RoundHook:
         # lora-aggregation exact: the residual folded into the frozen weights (else none)
         set_residual(self.model, getattr(self.strategy, "residual", {}))
         row: dict = {"round": server_round}
-        if self.heldout:  # empty: evaluation off (eval-examples 0), no eval columns
+        if self.evaluates(server_round):  # evaluation off or a skipped round: no eval columns
             row.update(evaluate(self.model, self.heldout, batch_size=self.cfg.eval_batch_size,
                                 pad_token_id=self.pad_id).row())
+            release_memory()
         traffic, clients = getattr(self.strategy, "traffic", None), []
         if server_round > 0 and traffic is not None:
             clients = traffic.clients
@@ -149,7 +156,7 @@ class RoundHook:
                 optimizer=optimizer_state()))
         if self.tensorboard is not None:
             self.tensorboard.write(row, clients)
-        self.run.log(format_row(row))
+        self.run.log(format_row(row, eval_every=self.cfg.eval_every if self.heldout else 0))
         return MetricRecord({k: float(v) for k, v in row.items() if k != "round"})
 
 
@@ -173,11 +180,14 @@ def privacy_columns(cfg: RunConfig, clients: list[dict], traffic, server_round: 
     return row
 
 
-def format_row(row: dict) -> str:
+def format_row(row: dict, *, eval_every: int = 0) -> str:
+    """The round's line; ``eval_every`` > 0: evaluation is on and a row without eval
+    columns is a round that eval-every skipped (else evaluation is off)."""
     metrics = " | ".join(f"{short} {row[key]:8.2f}" if key == "eval-perplexity"
                          else f"{short} {row[key]:.3f}"
                          for key, short in _SHORT_NAMES.items() if key in row)
     evaluated = (f"eval loss {row['eval-loss']:7.4f} | {metrics}" if "eval-loss" in row
+                 else f"not evaluated (eval-every {eval_every})" if eval_every
                  else EVALUATION_OFF)
     line = (f"fedtune | round {row['round']:>3} | train loss {row.get('train-loss', float('nan')):7.4f}"
             f" | {evaluated}"

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from common.config import RunConfig, config_fields, parse_run_config_string
 from common.runtime import CONFIG_ENV, setup_process
+from server.simulation import INPUT_ERROR_EXIT
 from server.summary import INVOKED_AS_ENV, finish_run, invoked_as
 from server.tools import add_tool_parsers
 
@@ -161,9 +162,31 @@ def _run_config_of(run_dir: str) -> dict:
 
 
 def preflight(cfg: RunConfig) -> RunConfig:
-    """Fail fast, in this process, on what would otherwise fail inside every client:
-    bad model path, bad dataset, impossible partitioning. Also converts the built-in
-    model once, before clients start (so they never race to do it)."""
+    """:func:`check_inputs`, then :func:`prepare_run_dir` (``fedtune train``: one process)."""
+    check_inputs(cfg)
+    return prepare_run_dir(cfg)
+
+
+def prepare_run_dir(cfg: RunConfig) -> RunConfig:
+    """The run folder: a resumed run's, the one given, or runs/<stamp>; refuses a folder
+    that already holds a run. Cheap (no torch): `fedtune simulate`'s parent runs it."""
+    if cfg.resume_from:
+        if not (Path(cfg.resume_from) / "config.json").is_file():
+            raise FileNotFoundError(f"'{cfg.resume_from}' is not a fedtune run folder (no "
+                                    "config.json): check the --resume path")
+        return cfg.replace(run_dir=cfg.resume_from)
+    if not cfg.run_dir:
+        cfg = cfg.replace(run_dir=str(Path("runs") / time.strftime("%Y%m%d-%H%M%S")))
+    if (Path(cfg.run_dir) / "history.jsonl").exists():
+        raise FileExistsError(f"run folder '{cfg.run_dir}' already holds a run: choose another --run-dir")
+    return cfg
+
+
+def check_inputs(cfg: RunConfig) -> None:
+    """Fail fast, before any client starts, on what would otherwise fail inside every
+    client: bad model path, bad dataset, impossible partitioning, a run that cannot be
+    resumed. Also converts the built-in model once, before clients start (so they never
+    race to do it). `fedtune simulate` runs it in its child, before Ray starts."""
     from common.datacheck import data_report
     from common.data import load_run_data
     from common.model import check_target_modules, load_tokenizer, resolve_model_path
@@ -182,12 +205,6 @@ def preflight(cfg: RunConfig) -> RunConfig:
 
         run = RunFolder.reopen(cfg.resume_from)
         check_resumable(run.load_state(), cfg, run.path)
-        return cfg.replace(run_dir=cfg.resume_from)
-    if not cfg.run_dir:
-        cfg = cfg.replace(run_dir=str(Path("runs") / time.strftime("%Y%m%d-%H%M%S")))
-    if (Path(cfg.run_dir) / "history.jsonl").exists():
-        raise FileExistsError(f"run folder '{cfg.run_dir}' already holds a run: choose another --run-dir")
-    return cfg
 
 
 def check_privacy_plan(cfg: RunConfig, data) -> None:
@@ -228,6 +245,8 @@ def simulate(cfg: RunConfig, *, verbose: bool = False) -> int:
     finally:
         stop_process_group(child)
         console.close()
+    if code == INPUT_ERROR_EXIT and not Path(cfg.run_dir, "run.log").exists():
+        return code  # the child's one-line "fedtune: error: ..." is already shown
     if code != 0:
         if console.pending:  # it failed before the run folder existed: show its last lines
             print("\n".join(console.pending[-40:]), file=sys.stderr)
@@ -362,7 +381,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command != "simulate":
             return args.run(args)
-        cfg = _prepared_config(args)
+        # The parent only parses and names the run folder: it imports no torch and loads
+        # no model or data; the child checks the inputs before Ray starts (a bad input
+        # still ends there, in one line, exit 2).
+        cfg = config_from_args(args)
+        if _is_offline_config(cfg):
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        cfg = prepare_run_dir(cfg)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"fedtune: error: {err}", file=sys.stderr)
         return 2

@@ -94,7 +94,9 @@ class ConsoleFilter:
         return self.showing
 
     def _show(self, line: str) -> None:
-        print(line, file=self.out, flush=True)
+        # a one-line input error (the child's check_inputs) goes where errors go
+        error = line.startswith("fedtune: error:") and self.out is sys.stdout
+        print(line, file=sys.stderr if error else self.out, flush=True)
 
     def _log(self, line: str | None) -> None:
         if line is not None:

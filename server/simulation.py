@@ -13,8 +13,25 @@ import warnings
 from common.runtime import config_from_run_config
 
 
+INPUT_ERROR_EXIT = 2  # a bad input, reported in one line before Ray starts
+
+
 def main() -> int:
     cfg = config_from_run_config({})
+    from common.runtime import release_memory, setup_process
+    from server.cli import check_inputs
+
+    setup_process(cfg.num_threads)
+    try:
+        check_inputs(cfg)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"fedtune: error: {err}", flush=True)
+        return INPUT_ERROR_EXIT
+    release_memory()  # the check tokenized every partition; the clients hold their own
+    # Ray prestarts idle Python workers (~85 MB each) that a simulation of a few actors
+    # never uses; its raylet reads its settings from this process's environment.
+    os.environ.setdefault("RAY_enable_worker_prestart", "0")
+    os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
     from flwr.simulation import run_simulation
 
     from client.app import app as client_app

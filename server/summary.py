@@ -69,6 +69,8 @@ def print_summary(run_dir: Path, seconds: float, prompt: str = TRY_PROMPT) -> No
     run = RunFolder(run_dir)
     history = run.history()
     first, last = history[0], history[-1]
+    if "eval-loss" in first:  # eval-every may skip rounds; the last evaluated one counts
+        last = next(r for r in reversed(history) if "eval-loss" in r)
     task = json.loads((run_dir / "config.json").read_text()).get("task", "causal-lm")
     evaluated = "eval-loss" in first
     lm = task == "causal-lm"
@@ -81,10 +83,12 @@ def print_summary(run_dir: Path, seconds: float, prompt: str = TRY_PROMPT) -> No
     lines = ["", " ".join(header + [f"{'MB sent':>8}", f"{'MB recv':>8}", f"{'MB total':>9}"])]
     for row in history:
         cells = [f"{row['round']:>5}", f"{row.get('train-loss', math.nan):>10.4f}"]
-        if evaluated:
+        if evaluated and "eval-loss" in row:
             cells.append(f"{row['eval-loss']:>9.4f}")
             cells += [f"{row[c]:>10.2f}" if c == "eval-perplexity" else f"{row[c]:>10.3f}"
                       for c in metrics]
+        elif evaluated:  # a round that eval-every skips
+            cells += [f"{'-':>9}"] + [f"{'-':>10}"] * len(metrics)
         cells += [f"{row.get('bytes-sent', 0) / 1e6:>8.2f}",
                   f"{row.get('bytes-received', 0) / 1e6:>8.2f}", f"{row.get('mb-total', 0):>9.2f}"]
         lines.append(" ".join(cells))
@@ -100,7 +104,8 @@ def print_summary(run_dir: Path, seconds: float, prompt: str = TRY_PROMPT) -> No
         headline = (f"held-out accuracy {first['eval-accuracy']:.3f} -> {last['eval-accuracy']:.3f}, "
                     f"macro-F1 {first['eval-macro-f1']:.3f} -> {last['eval-macro-f1']:.3f}")
     if evaluated:
-        best = min(history[1:] or history, key=lambda r: r["eval-loss"])
+        best = min([r for r in history[1:] if "eval-loss" in r] or history,
+                   key=lambda r: r["eval-loss"])
         best_text = f"best: {run_dir / 'best'} = round {best['round']}"
     else:
         best_text = f"no best: {EVALUATION_OFF}"

@@ -49,7 +49,8 @@ EXPORT_EXAMPLE = f"""examples:
 
 The folder loads without peft:
   AutoModelForCausalLM.from_pretrained("models/wordnet-smollm2")
-defaults: --model is the run's model (else {BUILTIN_MODEL}); --dtype the run's (float32).
+defaults: --model is the run's model (else {BUILTIN_MODEL}); --dtype float32 (the adapter
+is merged into full-precision weights whatever precision the run computed in).
 """
 PLOT_EXAMPLE = """examples:
   fedtune plot runs/20261126-145844       # writes runs/20261126-145844/plots/*.png
@@ -129,7 +130,8 @@ def _add_model_arguments(p: argparse.ArgumentParser, *, adapter_required: bool) 
     p.add_argument("--model", default=None, metavar="NAME_OR_PATH",
                    help=f"base model (default: the run's model, else '{BUILTIN_MODEL}')")
     p.add_argument("--dtype", default=None, choices=DTYPES,
-                   help="base weight dtype (default: the run's, else float32)")
+                   help="base weight and compute dtype ('auto': bfloat16 where the CPU or GPU "
+                        "has it natively; default: the run's, else auto; export: float32)")
     p.add_argument("--num-threads", type=int, default=None, metavar="N",
                    help="torch threads (default: every core, %d here). On a machine other jobs "
                         "are using, 1 or 2 can be several times faster: a torch thread that "
@@ -309,6 +311,8 @@ def run_export(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser()
     if out.exists():  # before loading the model: fail in a second, not a minute
         raise FileExistsError(f"export folder '{out}' already exists: choose another --out")
+    if args.dtype is None or args.dtype == "auto":
+        args.dtype = "float32"  # merge at full precision; --dtype bfloat16 halves the files
     loaded = _load(args)
     export_merged(loaded.model, loaded.tokenizer, out)
     auto = "AutoModelForSequenceClassification" if loaded.labels else "AutoModelForCausalLM"

@@ -107,6 +107,9 @@ def tiny_cfg(tiny_model_dir, tiny_dataset, tmp_path) -> RunConfig:
         num_clients=2, eval_examples=8, batch_size=4, local_steps=2, num_server_rounds=2,
         max_length=64, eval_batch_size=8, lora_r=4, lora_dropout=0.0,
         run_dir=str(tmp_path / "run"),
+        # exact float32 arithmetic for tests that compare against a hand computation;
+        # the bf16 path ('auto' on this CPU) has its own tests (tests/test_precision.py)
+        dtype="float32",
     )
 
 

@@ -67,7 +67,7 @@ def test_early_stopping_stops_a_diverging_run_on_its_validation_split(tiny_model
                      "--categories", "", "--num-clients", "2", "--num-server-rounds", "4",
                      "--local-steps", "2", "--batch-size", "4", "--eval-examples", "8",
                      "--validation-examples", "8", "--max-length", "64", "--lora-r", "4",
-                     "--lr", "50", "--lr-schedule", "constant", "--max-grad-norm", "0",
+                     "--lr", "50", "--lr-schedule", "constant", "--max-grad-norm", "0", "--dtype", "float32",
                      "--early-stopping-patience", "1", "--run-dir", str(run))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "early stop after round 1" in result.stdout

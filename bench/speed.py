@@ -1,0 +1,258 @@
+"""Speed and memory: bf16 against fp32 per step, and whole runs measured from outside.
+
+Part ``steps`` (one process, one torch thread, the built-in model and LoRA, client 0's
+data): the same batches through `train_steps` in fp32 and in bf16 (16-bit base weights,
+float32 LoRA weights under autocast), one step of each in turn so that other jobs' load
+hits both alike; then the held-out set evaluated by each, batch by batch in turn.
+Reports non-padding tokens per CPU second, the bf16/fp32 ratio, and each one's
+held-out loss after the same steps. The bf16 bare loop (forward, loss, backward, AdamW)
+gives the compute floor of a run: its CPU seconds per step and per evaluated example,
+times the run's steps and evaluations, over the cores.
+
+Part ``runs``: `fedtune simulate` as a user runs it, wall time and peak memory of the
+whole process tree (RSS summed, and PSS, which splits shared pages): the demo (its
+defaults) and the "identical work" of issue 14 (a 4,200-record WordNet JSONL split IID
+over 4 clients, q_proj,v_proj r=8, 3 rounds x 10 steps, batch 8, max length 128, 200
+held-out examples), each with dtype auto (bf16 here) and float32. Runs are sequential:
+run this part on an idle machine.
+
+    python bench/speed.py                    # both parts (~20 min on an idle 2-core machine)
+    python bench/speed.py --part steps       # the per-step comparison only (~4 min)
+    python bench/speed.py --part runs --only demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from bench.report import load_average, machine, run_timed, today, write_section  # noqa: E402
+
+IDENTICAL = ["--partitioner", "iid", "--categories", "", "--num-clients", "4",
+             "--lora-target-modules", "q_proj,v_proj", "--lora-r", "8",
+             "--num-server-rounds", "3", "--local-steps", "10", "--batch-size", "8",
+             "--max-length", "128", "--eval-examples", "200"]
+
+
+# --- part 1: steps ----------------------------------------------------------------------
+def measure_steps(steps: int) -> dict:
+    import torch
+
+    from common.config import RunConfig
+    from common.data import batches_forever, heldout_examples, partition_examples
+    from common.model import get_model, load_tokenizer
+    from common.objectives import causal_lm_loss
+    from common.precision import autocast
+    from common.runtime import setup_process
+    from common.train import evaluate, train_steps
+
+    setup_process(1)
+    base = RunConfig()
+    tokenizer = load_tokenizer(base.model)
+    examples = partition_examples(base, 0, base.num_clients, tokenizer)
+    heldout = heldout_examples(base, base.num_clients, tokenizer)
+    stream = batches_forever(examples, base.batch_size, tokenizer.pad_token_id,
+                             torch.Generator().manual_seed(0))
+    batches = [next(stream) for _ in range(steps + 1)]
+    cfgs = {"fp32": base.replace(dtype="float32"), "bf16": base.replace(dtype="bfloat16")}
+    models = {name: get_model(cfg) for name, cfg in cfgs.items()}
+    bare_model = models["bf16"]
+    cpu = {"fp32": [], "bf16": [], "bare bf16": []}
+    tokens = 0
+    for index, batch in enumerate(batches):
+        for name, cfg in cfgs.items():
+            start = time.process_time()
+            train_steps(models[name], iter([batch]), causal_lm_loss, cfg, num_steps=1,
+                        step_offset=index, total_steps=steps + 1)
+            if index:  # the first step of each warms up (allocations, lazy imports)
+                cpu[name].append(time.process_time() - start)
+        if index:
+            tokens += int(batch["attention_mask"].sum())
+    # the bare floor: the same math without the loop around it (fresh optimizer state)
+    optimizer = torch.optim.AdamW([p for p in bare_model.parameters() if p.requires_grad],
+                                  lr=base.lr)
+    for batch in batches[1:]:
+        start = time.process_time()
+        with autocast(bare_model):
+            loss = causal_lm_loss(bare_model, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        cpu["bare bf16"].append(time.process_time() - start)
+    eval_cpu = {"fp32": 0.0, "bf16": 0.0}
+    for name, model in models.items():  # warm-up pass, untimed, on one batch
+        evaluate(model, heldout[:16], batch_size=16, pad_token_id=tokenizer.pad_token_id)
+    chunks = [heldout[i:i + base.eval_batch_size] for i in range(0, len(heldout), base.eval_batch_size)]
+    nll = {"fp32": 0.0, "bf16": 0.0}
+    count = {"fp32": 0, "bf16": 0}
+    for chunk in chunks:
+        for name, model in models.items():
+            start = time.process_time()
+            stats = evaluate(model, chunk, batch_size=base.eval_batch_size,
+                             pad_token_id=tokenizer.pad_token_id)
+            eval_cpu[name] += time.process_time() - start
+            nll[name] += stats.loss * stats.count
+            count[name] += stats.count
+    eval_loss = {name: nll[name] / count[name] for name in nll}
+    eval_tokens = sum(int(sum(len(e["input_ids"]) for e in chunk)) for chunk in chunks)
+    return {"steps": steps, "tokens": tokens, "cpu": cpu, "eval-cpu": eval_cpu,
+            "eval-examples": len(heldout), "eval-tokens": eval_tokens, "eval-loss": eval_loss,
+            "load": load_average()}
+
+
+def steps_lines(result: dict, command: str) -> list[str]:
+    cpu = result["cpu"]
+    tps = {name: result["tokens"] / sum(values) for name, values in cpu.items()}
+    eps = {name: result["eval-tokens"] / s for name, s in result["eval-cpu"].items()}
+    loss = result["eval-loss"]
+    rel = abs(loss["bf16"] - loss["fp32"]) / loss["fp32"]
+    return [
+        "## Speed: bf16 against fp32, per step", "",
+        f"Measured by `{command}` on {machine()}, {today()}; load average {result['load']} "
+        "at the end (one torch thread: CPU seconds are this process's compute, whatever "
+        "other jobs took; fp32 and bf16 steps alternated).", "",
+        f"Built-in SmolLM2-135M-Instruct, LoRA r=8 all-linear, client 0's data, batch 8, "
+        f"max-length 96, {result['steps']} steps after one warm-up step each; then the "
+        f"{result['eval-examples']} held-out examples evaluated by each.", "",
+        "| | CPU s per step (median) | train tokens / CPU s | held-out tokens / CPU s | held-out loss after the steps |",
+        "|---|---|---|---|---|",
+        f"| fp32 | {statistics.median(cpu['fp32']):.2f} | {tps['fp32']:.0f} | {eps['fp32']:.0f} | {loss['fp32']:.4f} |",
+        f"| bf16 (auto here) | {statistics.median(cpu['bf16']):.2f} | {tps['bf16']:.0f} | {eps['bf16']:.0f} | {loss['bf16']:.4f} |",
+        f"| bf16 bare loop (floor) | {statistics.median(cpu['bare bf16']):.2f} | {tps['bare bf16']:.0f} | | |",
+        "",
+        f"- bf16 / fp32: training x{tps['bf16'] / tps['fp32']:.2f} tokens per CPU second, "
+        f"evaluation x{eps['bf16'] / eps['fp32']:.2f}; held-out loss differs by {rel:.2%}.",
+        f"- `train_steps` in bf16 against the bare bf16 loop: "
+        f"{tps['bf16'] / tps['bare bf16']:.3f} of its tokens per CPU second.", "",
+    ]
+
+
+# --- part 2: runs ---------------------------------------------------------------------
+def identical_dataset(path: Path, records: int = 4200) -> Path:
+    """4,200 WordNet records (built-in data, shuffled with seed 0) as a JSONL file."""
+    import random
+
+    from common.data import wordnet_records
+
+    rows = wordnet_records()
+    random.Random(0).shuffle(rows)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:records]))
+    return path
+
+
+def run_once(name: str, extra: list[str], work: Path) -> dict:
+    fedtune = str(Path(sys.executable).parent / "fedtune")
+    run_dir = work / name
+    _, wall, memory = run_timed([fedtune, "simulate", "--run-dir", str(run_dir), *extra],
+                                work / f"{name}.log", env=dict(os.environ), sample_memory=True)
+    history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    result = {"name": name, "wall-s": round(wall, 1),
+              "peak-rss-sum-gb": round(memory["rss-mb"] / 1e3, 2),
+              "peak-pss-gb": round(memory["pss-mb"] / 1e3, 2),
+              "processes": memory["processes"],
+              "eval-loss": [round(r["eval-loss"], 4) for r in history if "eval-loss" in r],
+              "load-after": load_average()}
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def measure_runs(only: list[str]) -> list[dict]:
+    work = Path(tempfile.mkdtemp(prefix="fedtune-speed-"))
+    try:
+        data = identical_dataset(work / "wordnet-4200.jsonl")
+        plans = {"demo": [], "identical": ["--dataset", str(data), *IDENTICAL]}
+        results = []
+        for what in only:
+            for dtype in ("auto", "float32"):
+                results.append(run_once(f"{what}-{dtype}", [*plans[what], "--dtype", dtype], work))
+        return results
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def runs_lines(results: list[dict], command: str, floor: dict | None) -> list[str]:
+    lines = [
+        "## Speed and memory: whole runs", "",
+        f"Measured by `{command}` on {machine()}, {today()}, one run at a time; "
+        f"load average after each run in the table. Wall: `fedtune simulate` start to exit. "
+        "Memory: peak over 1 s samples of the whole process tree (the parent, the "
+        "simulation child with the ServerApp, Ray's processes and actors), RSS summed "
+        "(shared pages counted once per process) and PSS (shared pages split).", "",
+        "| run | dtype | wall s | peak RSS sum GB | peak PSS GB | processes | held-out loss per evaluated round | load after |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        what, dtype = r["name"].split("-", 1)
+        lines.append(f"| {what} | {dtype} | {r['wall-s']} | {r['peak-rss-sum-gb']} | "
+                     f"{r['peak-pss-gb']} | {r['processes']} | "
+                     f"{' -> '.join(f'{x:.4f}' for x in r['eval-loss'])} | {r['load-after']} |")
+    by = {r["name"]: r for r in results}
+    lines.append("")
+    for what in ("demo", "identical"):
+        a, b = by.get(f"{what}-auto"), by.get(f"{what}-float32")
+        if a and b:
+            rel = (a["eval-loss"][-1] - b["eval-loss"][-1]) / b["eval-loss"][-1]
+            lines.append(f"- {what}: auto (bf16) against float32: wall x{a['wall-s'] / b['wall-s']:.2f}, "
+                         f"RSS sum x{a['peak-rss-sum-gb'] / b['peak-rss-sum-gb']:.2f}, final "
+                         f"held-out loss {rel:+.2%}.")
+    if floor and by.get("demo-auto"):
+        lines.append(f"- demo wall against the compute floor ({floor['seconds']:.0f} s: "
+                     f"{floor['how']}): x{by['demo-auto']['wall-s'] / floor['seconds']:.2f}.")
+    lines.append("")
+    return lines
+
+
+def demo_floor(steps_result: dict) -> dict:
+    """The demo's compute at the bare loop's speed, spread over the cores: 4 clients x 6
+    steps x 3 rounds of training and 4 evaluations of the held-out set."""
+    from common.config import RunConfig
+
+    cfg = RunConfig()
+    per_step = statistics.median(steps_result["cpu"]["bare bf16"])
+    per_eval = steps_result["eval-cpu"]["bf16"]
+    train = per_step * cfg.num_clients * cfg.local_steps * cfg.num_server_rounds
+    evals = per_eval * (cfg.num_server_rounds + 1)
+    cores = os.cpu_count() or 1
+    return {"seconds": (train + evals) / cores,
+            "how": f"{train:.0f} CPU s of bare bf16 training + {evals:.0f} CPU s of "
+                   f"evaluation, over {cores} cores"}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("steps", "runs", "all"), default="all")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per dtype (default 8)")
+    parser.add_argument("--only", default="demo,identical", help="runs: demo,identical")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-speed.json")
+    args = parser.parse_args()
+    command = "python bench/speed.py" + "".join(
+        f" {flag} {value}" for flag, value in (("--part", args.part), ("--only", args.only))
+        if value not in ("all", "demo,identical"))
+    print(f"# {command} on {machine()}, {today()}, load average {load_average()}", flush=True)
+    saved = json.loads(args.out.read_text()) if args.out.exists() else {}
+    if args.part in ("steps", "all"):
+        saved["steps"] = measure_steps(args.steps)
+        write_section("speed-steps", steps_lines(saved["steps"], command))
+    if args.part in ("runs", "all"):
+        saved["runs"] = measure_runs(args.only.split(","))
+        floor = demo_floor(saved["steps"]) if "steps" in saved else None
+        write_section("speed-runs", runs_lines(saved["runs"], command, floor))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(saved, indent=1))
+    print(f"wrote docs/benchmarks.md (speed sections) and {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
