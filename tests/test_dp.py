@@ -93,7 +93,8 @@ def test_dp_sgd_on_a_bert_classifier_equals_plain_training_at_zero_noise(
     from tests.test_classification import _cfg as classification_cfg
 
     cfg = classification_cfg(tiny_encoder_dir, labelled_dataset, tmp_path, lora_dropout=0.0,
-                             max_grad_norm=0.0, lr_schedule="constant", batch_size=4)
+                             max_grad_norm=0.0, lr_schedule="constant", batch_size=4,
+                             dtype="float32")  # DP computes in fp32: the plain run too
     tokenizer = load_tokenizer(cfg.model)
     model = get_model(cfg)
     examples = partition_examples(cfg, 0, 2, tokenizer)[:4]

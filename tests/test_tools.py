@@ -104,7 +104,7 @@ def test_evaluate_matches_a_hand_computation(with_adapter, tiny_run, tiny_model_
     data = tmp_path / "three.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     model_args = (["--adapter", str(tiny_run.path), "--round", "1"] if with_adapter
-                  else ["--model", str(tiny_model_dir)])
+                  else ["--model", str(tiny_model_dir), "--dtype", "float32"])  # exact math
     code = main(["evaluate", *model_args, "--dataset", str(data), "--eval-examples", "3",
                  "--batch-size", "2", "--json"])
     assert code == 0
