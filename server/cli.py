@@ -171,6 +171,11 @@ def preflight(cfg: RunConfig) -> RunConfig:
 
     resolve_model_path(cfg.model)
     check_target_modules(cfg)
+    from common.student import check_teacher, ensure_student
+
+    cfg = check_teacher(cfg)  # an absolute path: clients may run in another folder
+    if cfg.student_layers:  # built once here, before clients start (they reuse its folder)
+        ensure_student(cfg)
     # Load, split and tokenize every partition once, here: an empty partition, a client
     # with no usable example, a Dirichlet split that cannot be drawn, a bad record or a
     # tokenizer without a chat template stop the run before Ray starts, not in a client.
