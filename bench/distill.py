@@ -63,16 +63,18 @@ def export(run_dir: Path, out: Path) -> Path:
 
 
 def peak_memory_mb(folder: Path, max_new_tokens: int) -> float:
-    """Max RSS of a fresh one-thread process that loads ``folder`` and answers one prompt."""
+    """Peak RSS (VmHWM) of a fresh one-thread process that loads ``folder`` and answers one prompt."""
     code = (
-        "import resource, sys, torch; torch.set_num_threads(1)\n"
+        "import torch; torch.set_num_threads(1)\n"
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
         f"m = AutoModelForCausalLM.from_pretrained({str(folder)!r}).eval()\n"
         f"t = AutoTokenizer.from_pretrained({str(folder)!r})\n"
         f"x = t.apply_chat_template([{{'role': 'user', 'content': {PROMPTS[0]!r}}}], "
         "add_generation_prompt=True, return_tensors='pt', return_dict=True)\n"
         f"m.generate(**x, max_new_tokens={max_new_tokens}, do_sample=False)\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent through
+        # fork + exec, so every child would report this (large) process's peak
+        "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True,
                          text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     return int(out.stdout.strip().splitlines()[-1]) / 1024  # Linux: KiB
@@ -117,6 +119,10 @@ def main() -> None:
                         help="5 rounds x 10 local steps, students with LoRA r=32 (default: short)")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--local-steps", type=int, default=None)
+    parser.add_argument("--student-rounds", type=int, default=None,
+                        help="rounds of each student run (default: the teacher's)")
+    parser.add_argument("--student-local-steps", type=int, default=None,
+                        help="local steps of each student run (default: the teacher's)")
     parser.add_argument("--eval-examples", type=int, default=32)
     parser.add_argument("--student-lora-r", type=int, default=None)
     parser.add_argument("--layers", default="15,10", help="student depths (default: 15,10 of 30)")
@@ -125,6 +131,8 @@ def main() -> None:
     parser.add_argument("--choice", default="spread", help="student-layer-choice")
     parser.add_argument("--choices-only", action="store_true",
                         help="stop after the teacher run and the layer-choice comparison")
+    parser.add_argument("--skip-missing", action="store_true",
+                        help="report only the student runs already finished; run none")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-distill")
@@ -139,34 +147,53 @@ def main() -> None:
     teacher_dir = out / "teacher"
     teacher = simulate(teacher_dir, common)
     rows = [{"name": "teacher (30 layers, LoRA)", "run": teacher_dir, "history": teacher, "layers": 30}]
-    choices = compare_choices(teacher_dir, [int(n) for n in args.layers.split(",")],
-                              eval_examples=args.eval_examples)
+    saved = out / "choices.json"  # evaluation only, but minutes on a loaded machine: once
+    depths = [int(n) for n in args.layers.split(",")]
+    known = {(c["depth"], c["choice"]): c for c in json.loads(saved.read_text())} if saved.exists() else {}
+    if not all((d, c) in known for d in depths for c in ("spread", "similarity")):
+        known.update(compare_choices(teacher_dir, depths, eval_examples=args.eval_examples))
+        saved.write_text(json.dumps([{**v, "depth": d, "choice": c} for (d, c), v in known.items()]))
+    choices = {(d, c): known[(d, c)] for d in depths for c in ("spread", "similarity")}
     print(choices, flush=True)
     if args.choices_only:
         return
     objectives = [o.strip() for o in args.objectives.split(",")]
+    s_rounds, s_steps = args.student_rounds or rounds, args.student_local_steps or local_steps
+    student_common = ["--num-server-rounds", str(s_rounds), "--local-steps", str(s_steps),
+                      "--eval-examples", str(args.eval_examples), "--num-threads", "1"]
     for layers in [int(n) for n in args.layers.split(",")]:
         for objective in objectives:
-            slug = f"student{layers}-{objective.split()[0].lower()}-{args.choice}-r{rank}"
-            flags = [*common, "--distill-teacher", str(teacher_dir), "--student-layers", str(layers),
+            slug = (f"student{layers}-{objective.split()[0].lower()}-{args.choice}-r{rank}"
+                    f"-r{s_rounds}-s{s_steps}")
+            flags = [*student_common, "--distill-teacher", str(teacher_dir), "--student-layers", str(layers),
                      "--student-layer-choice", args.choice, "--lora-r", str(rank),
                      "--lora-alpha", str(2 * rank), *OBJECTIVES[objective]]
             run_dir = out / slug
+            if args.skip_missing and not (run_dir / "wall.txt").exists():
+                continue
             rows.append({"name": f"{layers} layers, {objective}", "run": run_dir, "layers": layers,
                          "objective": objective, "history": simulate(run_dir, flags)})
     # standalone models: the teacher merged, the best student of each size merged
     exports = {"teacher": export(teacher_dir, out / "export-teacher")}
-    for row in rows[1:]:
-        row["export"] = export(row["run"], out / f"export-{row['run'].name}")
     best = {}
     for row in rows[1:]:
         if row["layers"] not in best or row["history"][-1]["eval-loss"] < best[row["layers"]]["history"][-1]["eval-loss"]:
             best[row["layers"]] = row
     for layers, row in best.items():
-        exports[f"student {layers} layers ({row['objective']})"] = row["export"]
+        exports[f"student {layers} layers ({row['objective']})"] = export(
+            row["run"], out / f"export-{row['run'].name}")
+    for layers in [int(n) for n in args.layers.split(",")]:
+        if layers not in best:  # no finished run: the cut student as built (same speed)
+            from common.config import RunConfig
+            from common.student import ensure_student
+
+            exports[f"student {layers} layers (cut, untrained)"] = ensure_student(RunConfig(
+                distill_teacher=str(teacher_dir.absolute()), student_layers=layers,
+                student_layer_choice=args.choice, eval_examples=args.eval_examples))
     speed = generation_speed(exports, max_new_tokens=args.max_new_tokens, repeats=args.repeats)
     memory = {name: peak_memory_mb(path, args.max_new_tokens) for name, path in exports.items()}
-    write_report(rows, speed, memory, choices, args, rounds=rounds, local_steps=local_steps, rank=rank)
+    write_report(rows, speed, memory, choices, args, rounds=rounds, local_steps=local_steps, rank=rank,
+                 student_steps=s_rounds * s_steps * 4)
 
 
 def compare_choices(teacher_dir: Path, depths: list[int], *, eval_examples: int) -> dict:
@@ -201,13 +228,12 @@ def keep_ratio(loss: float, base: float, teacher: float) -> float:
     return (base - loss) / (base - teacher)
 
 
-def write_report(rows, speed, memory, choices, args, *, rounds, local_steps, rank) -> None:
+def write_report(rows, speed, memory, choices, args, *, rounds, local_steps, rank,
+                 student_steps) -> None:
     base = rows[0]["history"][0]["eval-loss"]
     teacher = rows[0]["history"][-1]["eval-loss"]
     steps = rounds * local_steps * 4
-    command = f"python bench/distill.py{' --long' if args.long else ''}"
-    if args.rounds or args.local_steps:
-        command += f" --rounds {rounds} --local-steps {local_steps}"
+    command = "python " + " ".join(["bench/distill.py", *sys.argv[1:]])
     lines = [
         "# Distillation to a smaller, faster student",
         "",
@@ -216,9 +242,10 @@ def write_report(rows, speed, memory, choices, args, *, rounds, local_steps, ran
         f"inflated and uneven; compare ratios measured in the same run), {time.strftime('%Y-%m-%d')}.",
         "",
         f"Setting: SmolLM2-135M-Instruct (30 decoder layers), WordNet definitions split "
-        f"naturally into 4 non-IID clients, FedAvg, {rounds} rounds x 4 clients x {local_steps} "
-        f"local steps = {steps} optimizer steps for every run. Teacher: LoRA r=8 on all linear "
-        f"layers, fine-tuned federatedly (run 1). Students: `--student-layers N "
+        f"naturally into 4 non-IID clients, FedAvg. Teacher: LoRA r=8 on all linear "
+        f"layers, fine-tuned federatedly (run 1), {rounds} rounds x 4 clients x {local_steps} "
+        f"local steps = {steps} optimizer steps. Every student: {student_steps} optimizer steps, "
+        f"the same for each. Students: `--student-layers N "
         f"--student-layer-choice {args.choice}` cut from the teacher's merged weights, LoRA "
         f"r={rank} on all linear layers, fine-tuned federatedly with the teacher given as "
         "`--distill-teacher RUN` (run 2); KD runs use alpha 0.5, T 2. Held-out: the same "
@@ -238,7 +265,7 @@ def write_report(rows, speed, memory, choices, args, *, rounds, local_steps, ran
     lines += ["", "Start: round 0, before any training (for a student: the cut teacher).", "",
               f"Standalone models (`fedtune export`), generation of {args.max_new_tokens} new tokens "
               f"for each of {len(PROMPTS)} prompts, greedy, 1 thread, best of {args.repeats} "
-              "interleaved repetitions; peak memory = max RSS of a fresh process that loads the "
+              "interleaved repetitions; peak memory = peak RSS (VmHWM) of a fresh process that loads the "
               "model and answers one prompt:", "",
               "| model | parameters | new tokens/s | speed vs teacher | peak memory (MB) |",
               "|---|---|---|---|---|"]

@@ -219,11 +219,11 @@ class RunConfig:
         default=0,
     )
     student_layer_choice: str = _opt(
-        "Which layers the student keeps: 'spread' (evenly spaced, first and last kept; "
-        "DistilBERT), 'similarity' (drop the layers whose output is most cosine-similar "
-        "to their input on a few training batches; ShortGPT), or comma separated layer "
-        "indices.",
-        default="spread",
+        "Which layers the student keeps: 'similarity' (drop the layers whose output is "
+        "most cosine-similar to their input on a few training batches; ShortGPT), "
+        "'spread' (evenly spaced, first and last kept; DistilBERT), or comma separated "
+        "layer indices (a deployment whose clients lack the run's dataset).",
+        default="similarity",
     )
     # --- federation --------------------------------------------------------------
     strategy: str = _opt(f"Server strategy, one of {STRATEGIES}.", default="fedavg")

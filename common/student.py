@@ -269,6 +269,16 @@ def ensure_student(cfg: RunConfig) -> Path:
     return target
 
 
+def describe_student(cfg: RunConfig) -> str:
+    """One line: which layers the student keeps, of how many, and where it is saved."""
+    folder = ensure_student(cfg)
+    recipe = json.loads((folder / RECIPE_FILE).read_text())
+    source = recipe["teacher-adapter"] or recipe["model"]
+    return (f"student: {len(recipe['kept-layers'])} of {recipe['teacher-layers']} decoder layers "
+            f"({recipe['choice']}: {','.join(map(str, recipe['kept-layers']))}) of {source}, "
+            f"saved in {folder}")
+
+
 def _build_student(cfg: RunConfig, recipe: dict, target: Path) -> None:
     from common.export import add_transformers4_keys
     from common.model import load_base_model, load_tokenizer

@@ -171,11 +171,13 @@ def preflight(cfg: RunConfig) -> RunConfig:
 
     resolve_model_path(cfg.model)
     check_target_modules(cfg)
-    from common.student import check_teacher, ensure_student
+    from common.student import check_teacher
 
     cfg = check_teacher(cfg)  # an absolute path: clients may run in another folder
     if cfg.student_layers:  # built once here, before clients start (they reuse its folder)
-        ensure_student(cfg)
+        from common.student import describe_student
+
+        print(f"fedtune: {describe_student(cfg)}")
     # Load, split and tokenize every partition once, here: an empty partition, a client
     # with no usable example, a Dirichlet split that cannot be drawn, a bad record or a
     # tokenizer without a chat template stop the run before Ray starts, not in a client.

@@ -67,7 +67,7 @@ def test_spread_keeps_first_and_last_and_evenly_spaced_layers():
 def test_student_with_n_layers_is_a_model_whose_config_says_n(deep_model_dir, tiny_cfg, tokenizer, cache):
     from transformers import AutoModelForCausalLM
 
-    cfg = tiny_cfg.replace(model=str(deep_model_dir), student_layers=2)
+    cfg = tiny_cfg.replace(model=str(deep_model_dir), student_layers=2, student_layer_choice="spread")
     folder = ensure_student(cfg)
     student = AutoModelForCausalLM.from_pretrained(folder)  # plain transformers, no fedtune
     assert student.config.num_hidden_layers == 2 and len(student.model.layers) == 2
