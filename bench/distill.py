@@ -300,7 +300,7 @@ def plot(rows, base: float, teacher: float, path: Path) -> None:
                 linestyle="-" if row["layers"] == 30 or row["layers"] > 12 else "--")
     ax.axhline(0.9, color="grey", linestyle=":", label="90% of the teacher's gain")
     ax.axhline(0.0, color="black", linewidth=0.5)
-    ax.set_xlabel("round (4 clients x local steps each)")
+    ax.set_xlabel("round (4 clients x local steps each; teacher and students may differ)")
     ax.set_ylabel("share of the teacher's held-out gain kept")
     ax.set_title("Students cut from the teacher: keep-ratio per round")
     ax.grid(alpha=0.3)
