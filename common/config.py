@@ -53,6 +53,8 @@ DP_GRAD_SAMPLE_MODES = ("hooks", "functorch")
 DP_EPSILON_KEY = "dp-epsilon"  # in train replies: the client's sample-level epsilon so far
 UNIT_WEIGHT_KEY = "unit-weight"  # in train replies: 1, for unweighted averaging under DP
 LORA_AGGREGATIONS = ("naive", "exact", "svd")  # common/lora_aggregation.py
+DISTILL_LOSSES = ("forward-kl", "reverse-kl", "jsd")  # common/objectives.py
+STUDENT_LAYER_CHOICES = ("spread", "similarity")  # common/student.py
 
 
 def _opt(help: str, **kw: Any) -> Any:
@@ -212,13 +214,39 @@ class RunConfig:
     )
     distill_teacher: str = _opt(
         "Knowledge distillation teacher: '' (off), 'base' (the base model without the "
-        "adapter: no second copy loaded) or a causal LM name/path sharing the tokenizer.",
+        "adapter: no second copy loaded; with student-layers, the full base model), a "
+        "fedtune run folder or PEFT adapter folder (its base model + that adapter, "
+        "frozen), or a causal LM name/path sharing the tokenizer.",
         default="",
     )
     distill_alpha: float = _opt(
-        "Distillation: loss = alpha*CE + (1-alpha)*T^2*KL(teacher||student).", default=0.5
+        "Distillation: loss = alpha*CE + (1-alpha)*T^2*D(teacher, student), D chosen by "
+        "distill-loss.", default=0.5
     )
     distill_temperature: float = _opt("Distillation temperature T.", default=2.0)
+    distill_loss: str = _opt(
+        f"Distillation divergence D, one of {DISTILL_LOSSES}: forward-kl = "
+        "KL(teacher||student), reverse-kl = KL(student||teacher), jsd = generalized JSD "
+        "with distill-beta (TRL's GKD).",
+        default="forward-kl",
+    )
+    distill_beta: float = _opt(
+        "distill-loss jsd: beta of the mixture beta*teacher + (1-beta)*student, in (0, 1).",
+        default=0.5,
+    )
+    student_layers: int = _opt(
+        "Train a smaller student: keep this many decoder layers of the model (with a run "
+        "or adapter folder as distill-teacher: of the teacher's merged weights); "
+        "embeddings, LM head and tokenizer shared. 0: off (docs/distillation.md).",
+        default=0,
+    )
+    student_layer_choice: str = _opt(
+        "Which layers the student keeps: 'similarity' (drop the layers whose output is "
+        "most cosine-similar to their input on a few training batches; ShortGPT), "
+        "'spread' (evenly spaced, first and last kept; DistilBERT), or comma separated "
+        "layer indices (a deployment whose clients lack the run's dataset).",
+        default="similarity",
+    )
     # --- federation --------------------------------------------------------------
     strategy: str = _opt(f"Server strategy, one of {STRATEGIES}.", default="fedavg")
     proximal_mu: float = _opt(
@@ -405,6 +433,7 @@ class RunConfig:
             raise ValueError(
                 f"config 'fraction-train' must be in (0, 1], got {self.fraction_train}"
             )
+        self._check_distillation()
         if self.task == "classification" and self.distill_teacher:
             raise ValueError(
                 "config 'distill-teacher' works with task 'causal-lm' only: unset it or "
@@ -441,6 +470,39 @@ class RunConfig:
         self._check_resume()
         self._check_privacy()
         self._check_lora_aggregation()
+
+    def _check_distillation(self) -> None:
+        _check_choice("distill-loss", self.distill_loss, DISTILL_LOSSES)
+        if not 0.0 < self.distill_beta < 1.0:
+            raise ValueError(f"config 'distill-beta' must be in (0, 1), got {self.distill_beta} "
+                             "(0 and 1 are distill-loss forward-kl and reverse-kl)")
+        if self.student_layers < 0:
+            raise ValueError(f"config 'student-layers' must be >= 0, got {self.student_layers}")
+        if self.student_layers and self.task != "causal-lm":
+            raise ValueError("config 'student-layers' works with task 'causal-lm' only: "
+                             "set it to 0 or use --task causal-lm")
+        choice = self.student_layer_choice.strip()
+        if choice not in STUDENT_LAYER_CHOICES:
+            layers = self.student_layer_list  # raises on a malformed list
+            if self.student_layers and len(layers) != self.student_layers:
+                raise ValueError(
+                    f"config 'student-layer-choice' lists {len(layers)} layers but "
+                    f"'student-layers' is {self.student_layers}: list exactly that many")
+
+    @property
+    def student_layer_list(self) -> list[int]:
+        """'student-layer-choice' as sorted distinct layer indices (empty: spread or similarity)."""
+        if self.student_layer_choice.strip() in STUDENT_LAYER_CHOICES:
+            return []
+        try:
+            layers = [int(x) for x in self.student_layer_choice.split(",") if x.strip()]
+        except ValueError:
+            layers = []
+        if not layers or len(set(layers)) != len(layers) or min(layers) < 0:
+            raise ValueError(
+                f"config 'student-layer-choice' must be {', '.join(STUDENT_LAYER_CHOICES)} or "
+                f"distinct layer indices >= 0 like '0,2,4'; got {self.student_layer_choice!r}")
+        return sorted(layers)
 
     def _check_lora_aggregation(self) -> None:
         _check_choice("lora-aggregation", self.lora_aggregation, LORA_AGGREGATIONS)

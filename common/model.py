@@ -252,9 +252,12 @@ def get_model(cfg: RunConfig):
         from common.data import class_labels
 
         num_labels = len(class_labels(cfg))
+    from common.student import model_source
+
+    source = model_source(cfg)  # 'model', or with 'student-layers' the student's folder
     dtype = resolve_dtype(cfg.dtype, resolve_device(cfg.device), dp_sgd=cfg.dp_sgd)
     key = (
-        resolve_model_path(cfg.model), dtype, cfg.lora_r, cfg.lora_alpha,
+        resolve_model_path(source), dtype, cfg.lora_r, cfg.lora_alpha,
         cfg.lora_dropout, cfg.lora_target_modules, cfg.seed, num_labels, cfg.ffa_lora,
         cfg.device, cfg.gradient_checkpointing,
     )
@@ -262,7 +265,7 @@ def get_model(cfg: RunConfig):
         from peft import get_peft_model
 
         torch.manual_seed(cfg.seed)  # LoRA A and the classifier head start the same everywhere
-        base = load_base_model(cfg.model, dtype, num_labels, device=cfg.device)
+        base = load_base_model(source, dtype, num_labels, device=cfg.device)
         try:
             model = get_peft_model(base, lora_config(cfg))
         except ValueError as err:
@@ -290,7 +293,7 @@ def get_model(cfg: RunConfig):
                 gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.ffa_lora:
             freeze_lora_a(model)
-        model.fedtune_model_name = cfg.model  # as given: what saved adapters record
+        model.fedtune_model_name = source  # as given (or the student): what saved adapters record
         _MODELS[key] = model
     return _MODELS[key]
 
@@ -375,30 +378,11 @@ def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-_TEACHERS: dict[tuple, Any] = {}
-
-
 def load_teacher(cfg: RunConfig):
-    """A frozen teacher for distillation, loaded once per process.
+    """The frozen distillation teacher, once per process: see common/student.py."""
+    from common.student import load_teacher as load
 
-    Teacher and student must share the tokenizer: the KL compares distributions over
-    the same token ids, so a different vocabulary would silently compare nonsense.
-    """
-    key = (cfg.distill_teacher, resolve_dtype(cfg.dtype, resolve_device(cfg.device)))
-    if key in _TEACHERS:
-        return _TEACHERS[key]
-    student_vocab = load_tokenizer(cfg.model).get_vocab()
-    teacher_vocab = load_tokenizer(cfg.distill_teacher).get_vocab()
-    if student_vocab != teacher_vocab:
-        raise ValueError(
-            f"config 'distill-teacher' = {cfg.distill_teacher!r} has a different tokenizer "
-            f"than the student {cfg.model!r} ({len(teacher_vocab)} vs {len(student_vocab)} "
-            "tokens, or different ids): pick a teacher from the same model family"
-        )
-    teacher = load_base_model(cfg.distill_teacher, key[1], device=cfg.device).eval()
-    teacher.requires_grad_(False)
-    _TEACHERS[key] = teacher
-    return teacher
+    return load(cfg)
 
 
 def check_target_modules(cfg: RunConfig) -> None:

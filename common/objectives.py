@@ -8,6 +8,7 @@ one. The loop in ``common/train.py`` never changes.
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -88,24 +89,59 @@ def classification_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                     temperature: float) -> torch.Tensor:
     """Per-token KL(teacher || student) of the temperature-softened distributions."""
-    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    return (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=-1)
+    return distillation_divergence(student_logits, teacher_logits, temperature, "forward-kl")
+
+
+def distillation_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                            temperature: float, loss: str = "forward-kl",
+                            beta: float = 0.5) -> torch.Tensor:
+    """Per-token divergence of the temperature-softened distributions, shape (batch, seq).
+
+    ``student_logits``, ``teacher_logits``: (batch, seq, vocab). ``loss``:
+    - ``forward-kl``: KL(p_T || p_S), mass-covering (Hinton et al., 2015);
+    - ``reverse-kl``: KL(p_S || p_T), mode-seeking (MiniLLM, Gu et al., 2024);
+    - ``jsd``: generalized JSD of GKD (Agarwal et al., 2024, Eq. 1),
+      beta * KL(p_T || M) + (1 - beta) * KL(p_S || M) with M = beta p_T + (1 - beta) p_S.
+    Written after TRL's ``GKDTrainer.generalized_jsd_loss`` (trl/trainer/gkd_trainer.py,
+    same F.kl_div and logsumexp mixture), per token and unreduced so that the caller
+    masks prompts and takes the per-sample mean; TRL is not a dependency for these lines.
+    Raises ``ValueError`` for another ``loss`` or a beta outside (0, 1) with jsd.
+    """
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    # F.kl_div(input, target, log_target=True) = sum target.exp() * (target - input): KL(target || input)
+    if loss == "forward-kl":
+        kl = F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True)
+    elif loss == "reverse-kl":
+        kl = F.kl_div(log_p_t, log_p_s, reduction="none", log_target=True)
+    elif loss == "jsd":
+        if not 0.0 < beta < 1.0:
+            raise ValueError(f"config 'distill-beta' must be in (0, 1) for jsd, got {beta}")
+        log_m = torch.logsumexp(torch.stack([log_p_s + math.log(1 - beta),
+                                             log_p_t + math.log(beta)]), dim=0)
+        kl = (beta * F.kl_div(log_m, log_p_t, reduction="none", log_target=True)
+              + (1 - beta) * F.kl_div(log_m, log_p_s, reduction="none", log_target=True))
+    else:
+        raise ValueError(f"config 'distill-loss' must be forward-kl, reverse-kl or jsd; got {loss!r}")
+    return kl.sum(dim=-1)
 
 
 @dataclass
 class DistillationLoss:
-    """alpha * CE(labels) + (1 - alpha) * T^2 * KL(teacher || student), response tokens.
+    """alpha * CE(labels) + (1 - alpha) * T^2 * D(teacher, student), response tokens.
 
-    ``teacher`` is a frozen causal LM, or None to use the student's own base model
-    with the adapter switched off (peft's ``disable_adapter``): no second copy of
-    the weights. T^2 keeps the soft-target gradients on the scale of the CE's
-    (Hinton et al., 2015).
+    ``D`` is ``loss`` (:func:`distillation_divergence`). ``teacher`` is a frozen causal
+    LM, or None to use the student's own base model with the adapter switched off
+    (peft's ``disable_adapter``): no second copy of the weights. The teacher's logits
+    are computed once per batch, without gradients. T^2 keeps the soft-target
+    gradients on the scale of the CE's (Hinton et al., 2015).
     """
 
     alpha: float
     temperature: float
     teacher: torch.nn.Module | None = None
+    loss: str = "forward-kl"
+    beta: float = 0.5
 
     def __call__(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         student_logits, labels = response_logits(model, batch)
@@ -114,9 +150,10 @@ class DistillationLoss:
             with context:
                 teacher_logits, _ = response_logits(self.teacher or model, batch)
         mask = labels != IGNORE_INDEX
-        kl = distillation_kl(student_logits, teacher_logits, self.temperature) * mask
+        divergence = distillation_divergence(student_logits, teacher_logits, self.temperature,
+                                             self.loss, self.beta) * mask
         ce = token_nll(student_logits, labels)
-        soft = per_sample_mean(kl, labels)
+        soft = per_sample_mean(divergence, labels)
         return self.alpha * per_sample_mean(ce, labels) + (1 - self.alpha) * self.temperature ** 2 * soft
 
 
@@ -206,8 +243,12 @@ def build_objective(model, cfg=None, *, proximal_mu: float = 0.0) -> TrainObject
     if cfg is not None and cfg.l2sp_weight > 0:
         penalties.append(L2SPTerm(cfg.l2sp_weight))
     if cfg is not None and cfg.distill_teacher:
-        from common.model import load_teacher
+        from common.student import load_teacher
 
-        teacher = None if cfg.distill_teacher == "base" else load_teacher(cfg)
-        task = DistillationLoss(cfg.distill_alpha, cfg.distill_temperature, teacher)
+        # 'base' is the student's own weights without the adapter, unless the student
+        # is a cut-down model: then the full base model is loaded as the teacher
+        own_base = cfg.distill_teacher == "base" and not cfg.student_layers
+        teacher = None if own_base else load_teacher(cfg)
+        task = DistillationLoss(cfg.distill_alpha, cfg.distill_temperature, teacher,
+                                loss=cfg.distill_loss, beta=cfg.distill_beta)
     return TrainObjective(task_loss=task, penalties=penalties)

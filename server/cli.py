@@ -163,8 +163,7 @@ def _run_config_of(run_dir: str) -> dict:
 
 def preflight(cfg: RunConfig) -> RunConfig:
     """:func:`check_inputs`, then :func:`prepare_run_dir` (``fedtune train``: one process)."""
-    check_inputs(cfg)
-    return prepare_run_dir(cfg)
+    return prepare_run_dir(check_inputs(cfg))
 
 
 def prepare_run_dir(cfg: RunConfig) -> RunConfig:
@@ -182,11 +181,12 @@ def prepare_run_dir(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def check_inputs(cfg: RunConfig) -> None:
+def check_inputs(cfg: RunConfig) -> RunConfig:
     """Fail fast, before any client starts, on what would otherwise fail inside every
     client: bad model path, bad dataset, impossible partitioning, a run that cannot be
     resumed. Also converts the built-in model once, before clients start (so they never
-    race to do it). `fedtune simulate` runs it in its child, before Ray starts."""
+    race to do it). `fedtune simulate` runs it in its child, before Ray starts.
+    Returns the config the apps get (a distillation teacher's path made absolute)."""
     from common.datacheck import data_report
     from common.data import load_run_data
     from common.model import check_target_modules, load_tokenizer, resolve_model_path
@@ -194,6 +194,15 @@ def check_inputs(cfg: RunConfig) -> None:
 
     resolve_model_path(cfg.model)
     check_target_modules(cfg)
+    from common.student import check_teacher
+
+    cfg = check_teacher(cfg)  # an absolute path: clients may run in another folder
+    if cfg.student_layers:  # built once here, before clients start (they reuse its folder)
+        from common.student import describe_student
+
+        from server.console import say
+
+        say(f"fedtune: {describe_student(cfg)}")
     # Load, split and tokenize every partition once, here: an empty partition, a client
     # with no usable example, a Dirichlet split that cannot be drawn, a bad record or a
     # tokenizer without a chat template stop the run before Ray starts, not in a client.
@@ -205,6 +214,7 @@ def check_inputs(cfg: RunConfig) -> None:
 
         run = RunFolder.reopen(cfg.resume_from)
         check_resumable(run.load_state(), cfg, run.path)
+    return cfg
 
 
 def check_privacy_plan(cfg: RunConfig, data) -> None:

@@ -23,6 +23,16 @@ from typing import TextIO
 OWN_LINE_MARK = "\x1e"
 CONSOLE_ENV = "FEDTUNE_CONSOLE_MARK"
 
+
+
+def say(line: str) -> None:
+    """Print one of fedtune's own lines from the simulation child before the run folder
+    exists (RunFolder.log marks the later ones): marked, so the terminal shows it."""
+    import os
+
+    print((OWN_LINE_MARK if os.environ.get(CONSOLE_ENV) else "") + line, flush=True)
+
+
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _ACTOR = re.compile(r"^\((?:\w+ )?pid=\d+(?:, ip=[\d.]+)?\)\s?")  # Ray's "(ClientAppActor pid=12) "
 _LEVEL = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)\s*:")

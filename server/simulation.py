@@ -6,11 +6,12 @@ owns the process group and cleans it up.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import warnings
 
-from common.runtime import config_from_run_config
+from common.runtime import CONFIG_ENV, config_from_run_config
 
 
 INPUT_ERROR_EXIT = 2  # a bad input, reported in one line before Ray starts
@@ -23,11 +24,13 @@ def main() -> int:
 
     setup_process(cfg.num_threads)
     try:
-        check_inputs(cfg)
+        cfg = check_inputs(cfg)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"fedtune: error: {err}", flush=True)
         return INPUT_ERROR_EXIT
     release_memory()  # the check tokenized every partition; the clients hold their own
+    # the apps (here and in Ray's workers, which inherit this environment) read it
+    os.environ[CONFIG_ENV] = json.dumps(cfg.to_mapping())
     # Ray prestarts idle Python workers (~85 MB each) that a simulation of a few actors
     # never uses; its raylet reads its settings from this process's environment.
     os.environ.setdefault("RAY_enable_worker_prestart", "0")

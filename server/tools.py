@@ -171,8 +171,11 @@ def _load(args: argparse.Namespace) -> Loaded:
         from common.data import class_labels
 
         labels = class_labels(cfg)  # as in training: sorted labels of the run's training pool
+    from common.student import model_source
+
     tokenizer = load_tokenizer(cfg.model)
-    base = load_base_model(cfg.model, cfg.dtype, num_labels=len(labels or ()))
+    # a run that trained a smaller student (student-layers): its adapter is on the student
+    base = load_base_model(model_source(cfg), cfg.dtype, num_labels=len(labels or ()))
     if labels:  # named classes in an exported config.json, not LABEL_0, LABEL_1, ...
         base.config.id2label = dict(enumerate(labels))
         base.config.label2id = {label: i for i, label in enumerate(labels)}
