@@ -1,7 +1,7 @@
 """Speed and memory: bf16 against fp32 per step, and whole runs measured from outside.
 
 Part ``steps`` (one process, one torch thread, the built-in model and LoRA, client 0's
-data): the same batches through `train_steps` in fp32 and in bf16 (16-bit base weights,
+data): the same batches through the training loop (`common/train.py`) in fp32 and in bf16 (16-bit base weights,
 float32 LoRA weights under autocast), one step of each in turn so that other jobs' load
 hits both alike; then the held-out set evaluated by each, batch by batch in turn.
 Reports non-padding tokens per CPU second, the bf16/fp32 ratio, and each one's
@@ -55,7 +55,7 @@ def measure_steps(steps: int) -> dict:
     from common.objectives import causal_lm_loss
     from common.precision import autocast
     from common.runtime import setup_process
-    from common.train import evaluate, train_steps
+    from common.train import _loop, evaluate, make_optimizer
 
     setup_process(1)
     base = RunConfig()
@@ -67,14 +67,18 @@ def measure_steps(steps: int) -> dict:
     batches = [next(stream) for _ in range(steps + 1)]
     cfgs = {"fp32": base.replace(dtype="float32"), "bf16": base.replace(dtype="bfloat16")}
     models = {name: get_model(cfg) for name, cfg in cfgs.items()}
+    # one optimizer per model for all steps, as in a client's round (train_steps makes
+    # a fresh one per call: one call per step would make every step Adam's first)
+    optimizers = {name: make_optimizer(model, cfgs[name]) for name, model in models.items()}
     bare_model = models["bf16"]
     cpu = {"fp32": [], "bf16": [], "bare bf16": []}
     tokens = 0
     for index, batch in enumerate(batches):
         for name, cfg in cfgs.items():
             start = time.process_time()
-            train_steps(models[name], iter([batch]), causal_lm_loss, cfg, num_steps=1,
-                        step_offset=index, total_steps=steps + 1)
+            models[name].train()
+            _loop(models[name], optimizers[name], iter([batch]), causal_lm_loss, cfg,
+                  num_steps=1, step_offset=index, total=steps + 1, desc=name)
             if index:  # the first step of each warms up (allocations, lazy imports)
                 cpu[name].append(time.process_time() - start)
         if index:
@@ -133,7 +137,7 @@ def steps_lines(result: dict, command: str) -> list[str]:
         "",
         f"- bf16 / fp32: training x{tps['bf16'] / tps['fp32']:.2f} tokens per CPU second, "
         f"evaluation x{eps['bf16'] / eps['fp32']:.2f}; held-out loss differs by {rel:.2%}.",
-        f"- `train_steps` in bf16 against the bare bf16 loop: "
+        f"- the training loop in bf16 against the bare bf16 loop: "
         f"{tps['bf16'] / tps['bare bf16']:.3f} of its tokens per CPU second.", "",
     ]
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from common.config import BUILTIN_CLASSIFIER, BUILTIN_MODEL, RunConfig
-from common.precision import TORCH_DTYPES, resolve_dtype
+from common.precision import TORCH_DTYPES, attention_for, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -187,15 +187,21 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load_base_model(name: str, dtype: str = "float32", num_labels: int = 0,
-                    device: str = "cpu", *, dp_sgd: bool = False):
+                    device: str = "cpu", *, dp_sgd: bool = False, max_length: int = 0):
     """A causal LM, or a sequence classifier with a new ``num_labels`` head, on
-    ``device``, its weights in ``dtype`` ('auto': ``common.precision.resolve_dtype``).
+    ``device``, its weights in ``dtype`` ('auto': ``common.precision.resolve_dtype``);
+    ``max_length`` (tokens, 0: unknown) picks the attention kernel (``attention_for``).
     Placed before peft or Opacus wrap it: moving a model after wrapping is
     the class of bug that silently corrupts LoRA updates under DP (opacus issue 820)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = resolve_model_path(name)
-    torch_dtype = TORCH_DTYPES[resolve_dtype(dtype, resolve_device(device), dp_sgd=dp_sgd)]
+    resolved = resolve_dtype(dtype, resolve_device(device), dp_sgd=dp_sgd)
+    torch_dtype = TORCH_DTYPES[resolved]
+    options = {"dtype": torch_dtype}
+    attention = attention_for(resolved, resolve_device(device), max_length) if max_length else None
+    if attention:
+        options["attn_implementation"] = attention
     if name == BUILTIN_MODEL and not num_labels:
         path = str(builtin_model_in(torch_dtype))  # used in place: shared between processes
     try:
@@ -204,9 +210,9 @@ def load_base_model(name: str, dtype: str = "float32", num_labels: int = 0,
             # transformers' "classifier MISSING ... consider training" report only alarms.
             with _transformers_errors_only():
                 model = AutoModelForSequenceClassification.from_pretrained(
-                    path, num_labels=num_labels, dtype=torch_dtype)
+                    path, num_labels=num_labels, **options)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+            model = AutoModelForCausalLM.from_pretrained(path, **options)
     except OSError as err:
         raise FileNotFoundError(
             f"cannot load model '{name}': {str(err).splitlines()[0]} (is the name or "
@@ -260,12 +266,14 @@ def get_model(cfg: RunConfig):
         resolve_model_path(source), dtype, cfg.lora_r, cfg.lora_alpha,
         cfg.lora_dropout, cfg.lora_target_modules, cfg.seed, num_labels, cfg.ffa_lora,
         cfg.device, cfg.gradient_checkpointing,
+        attention_for(dtype, resolve_device(cfg.device), cfg.max_length),
     )
     if key not in _MODELS:
         from peft import get_peft_model
 
         torch.manual_seed(cfg.seed)  # LoRA A and the classifier head start the same everywhere
-        base = load_base_model(source, dtype, num_labels, device=cfg.device)
+        base = load_base_model(source, dtype, num_labels, device=cfg.device,
+                               max_length=cfg.max_length)
         try:
             model = get_peft_model(base, lora_config(cfg))
         except ValueError as err:

@@ -85,7 +85,7 @@ def load_teacher(cfg: RunConfig):
             f"than the student {cfg.model!r} ({len(teacher_vocab)} vs {len(student_vocab)} "
             "tokens, or different ids): pick a teacher from the same model family"
         )
-    teacher = load_base_model(base, cfg.dtype, device=cfg.device)
+    teacher = load_base_model(base, cfg.dtype, device=cfg.device, max_length=cfg.max_length)
     if adapter is not None:
         teacher = _merged(teacher, adapter.path, base)
     teacher.eval().requires_grad_(False)

@@ -175,7 +175,8 @@ def _load(args: argparse.Namespace) -> Loaded:
 
     tokenizer = load_tokenizer(cfg.model)
     # a run that trained a smaller student (student-layers): its adapter is on the student
-    base = load_base_model(model_source(cfg), cfg.dtype, num_labels=len(labels or ()))
+    base = load_base_model(model_source(cfg), cfg.dtype, num_labels=len(labels or ()),
+                           max_length=cfg.max_length)  # the attention kernel the run used
     if labels:  # named classes in an exported config.json, not LABEL_0, LABEL_1, ...
         base.config.id2label = dict(enumerate(labels))
         base.config.label2id = {label: i for i, label in enumerate(labels)}
