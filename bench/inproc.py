@@ -57,8 +57,24 @@ def run_federation(overrides: Mapping[str, Any]) -> RunConfig:
 
     cfg = RunConfig.from_mapping(overrides)
     run_config = cfg.to_mapping()
+    fresh_adapter(cfg)
     # Messages built outside a running Flower app need the identity Flower sets per run.
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
     main(InProcessGrid(cfg, run_config), Context(run_id=1, node_id=0, node_config={},
                                                   state=RecordDict(), run_config=run_config))
     return cfg
+
+
+_INITIAL: dict[int, dict] = {}
+
+
+def fresh_adapter(cfg: RunConfig) -> None:
+    """Put the cached model's adapter back to its seeded initial state. The ServerApp
+    takes its initial arrays from the model (``server/app.py`` ``open_run``), which in a
+    new process is fresh; in this process it still holds the previous run's adapter."""
+    from common.model import adapter_state, get_model, set_adapter_state
+
+    model = get_model(cfg)
+    if id(model) not in _INITIAL:  # first use: get_model just built it from the seed
+        _INITIAL[id(model)] = adapter_state(model)
+    set_adapter_state(model, _INITIAL[id(model)])
