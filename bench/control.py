@@ -66,11 +66,11 @@ SECTIONS = {
     # validation split, so a run with --early-stopping-patience 1 is that run cut short.
     "regularization": {
         "none": {**C_BASE, **SAME_POOL},
-        "weight decay 1.0": {**C_BASE, **SAME_POOL, "weight-decay": 1.0},
-        "lora dropout 0.3": {**C_BASE, **SAME_POOL, "lora-dropout": 0.3},
-        "l2-sp 0.1": {**C_BASE, **SAME_POOL, "l2sp-weight": 0.1},
         "l2-sp 1.0": {**C_BASE, **SAME_POOL, "l2sp-weight": 1.0},
+        "lora dropout 0.3": {**C_BASE, **SAME_POOL, "lora-dropout": 0.3},
         "fedprox mu 0.1": {**C_BASE, **SAME_POOL, "strategy": "fedprox", "proximal-mu": 0.1},
+        "weight decay 1.0": {**C_BASE, **SAME_POOL, "weight-decay": 1.0},
+        "l2-sp 0.1": {**C_BASE, **SAME_POOL, "l2sp-weight": 0.1},
     },
 }
 EARLY_STOP_PATIENCE = 1

@@ -56,7 +56,11 @@ def write_report(results: dict, args) -> None:
         lines += fedadam_section(results["fedadam"])
     if results.get("regularization"):
         lines += regularization_section(results["regularization"])
-    DOC.write_text("\n".join(lines) + "\n")
+    # The hand-written reading of the numbers below this heading survives a rerun.
+    marker = "\n## Reading the numbers"
+    old = DOC.read_text() if DOC.exists() else ""
+    tail = old[old.index(marker):] if marker in old else ""
+    DOC.write_text("\n".join(lines) + "\n" + tail)
     print("\n".join(lines))
 
 
@@ -74,7 +78,8 @@ def adaptive_section(res: dict, specs: dict) -> list[str]:
         "round whose validation loss is not 0.1% below the best) and "
         f"`--early-stopping-patience {plateau['early-stopping-patience']}`.",
         "",
-        "| run | final held-out loss | rounds run | stopped early | lr in the last round | MB | s |",
+        "| run | final held-out loss | rounds run | stopped early | peak lr in the last round "
+        "(cosine decays below it) | MB | s |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, r in res.items():
@@ -101,9 +106,11 @@ def adaptive_section(res: dict, specs: dict) -> list[str]:
             continue
         share = hit["round"] / target["round"]
         verdicts.append(share <= 0.7)
+        saved = (f"{target['mb-total'] - hit['mb-total']:.1f} | "
+                 f"{target['seconds'] - hit['seconds']:.0f} ({1 - hit['seconds'] / target['seconds']:.0%})"
+                 if hit["round"] < target["round"] else "0 | 0")
         lines.append(f"| {lr} | {target['eval-loss']:.4f} ({target['round']}) | {hit['round']} | "
-                     f"{share:.0%} | {target['mb-total'] - hit['mb-total']:.1f} | "
-                     f"{target['seconds'] - hit['seconds']:.0f} |")
+                     f"{share:.0%} | {saved} |")
     for kind in ("cosine", "plateau"):
         finals = [final(r)["eval-loss"] for n, r in res.items() if n.startswith(kind)]
         if len(finals) >= 2:
