@@ -140,6 +140,12 @@ def fedadam_section(res: dict) -> list[str]:
         loss = final(r)["eval-loss"]
         rel = f"{loss / final(fedavg)['eval-loss'] - 1:+.1%}" if fedavg else ""
         lines.append(f"| {name} | {loss:.4f} | {rel} |")
+    adams = {n: r for n, r in res.items() if n.startswith("fedadam")}
+    if fedavg and adams:
+        best = min(adams, key=lambda n: final(adams[n])["eval-loss"])
+        gap = final(adams[best])["eval-loss"] / final(fedavg)["eval-loss"] - 1
+        lines += ["", f"Best final loss: {best}, {gap:+.1%} against FedAvg. Goal (FedAdam at "
+                  f"least as good as FedAvg): {'met' if gap <= 0 else 'not met'} in this sweep."]
     lines += ["", "![held-out loss per round](control-fedadam.png)", ""]
     plot_curves(res, ROOT / "docs" / "control-fedadam.png", "FedAvg vs FedAdam's server-eta")
     return lines
