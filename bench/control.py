@@ -60,6 +60,7 @@ SECTIONS = {
     "fedadam": {
         "fedavg": {**B_ROUNDS},
         "fedadam eta 1e-2": {**B_ROUNDS, "strategy": "fedadam", "server-eta": 1e-2},
+        "fedadam eta 2e-2": {**B_ROUNDS, "strategy": "fedadam", "server-eta": 2e-2},
         "fedadam eta 3e-2": {**B_ROUNDS, "strategy": "fedadam", "server-eta": 3e-2},
     },
     # Early stopping is read off the 'none' run (see EARLY_STOP): the same pool, the same

@@ -55,7 +55,7 @@ def write_report(results: dict, args) -> None:
     if results.get("fedadam"):
         lines += fedadam_section(results["fedadam"])
     if results.get("regularization"):
-        lines += regularization_section(results["regularization"])
+        lines += regularization_section(results["regularization"], SECTIONS["regularization"]["none"])
     # The hand-written reading of the numbers below this heading survives a rerun.
     marker = "\n## Reading the numbers"
     old = DOC.read_text() if DOC.exists() else ""
@@ -151,14 +151,21 @@ def fedadam_section(res: dict) -> list[str]:
     return lines
 
 
-def regularization_section(res: dict) -> list[str]:
+def regularization_section(res: dict, spec: dict) -> list[str]:
     none = res.get("none")
+    n, rounds, steps = spec["max-examples-per-client"], spec["num-server-rounds"], spec["local-steps"]
+    from bench.control import COMMON
+
+    epochs = rounds * steps * COMMON["batch-size"] / n
     lines = ["## 3. Regularization in the small-data regime", "",
-             "16 examples per client, 4 rounds x 4 local steps of batch 4 (4 epochs of each "
-             "client's data), constant lr 3e-3, no LoRA dropout and no weight decay unless "
-             "named. Task: held-out loss on the clients' categories. Forgetting: loss on the "
+             f"{n} examples per client, {rounds} rounds x {steps} local steps of batch "
+             f"{COMMON['batch-size']} ({epochs:g} epochs of each client's data), constant lr "
+             f"{spec['lr']:g}, no LoRA dropout and no weight decay unless named. Early "
+             "stopping is the 'none' run cut where `--early-stopping-patience 1` stops it "
+             "(same pool, same validation split: the same run up to there). Task: held-out loss on the clients' categories. Forgetting: loss on the "
              "32 arithmetic chat examples of `docs/examples/chat.jsonl` (general text no "
-             "client trains on) minus the base model's loss there; 0 = nothing forgotten.", "",
+             "client trains on) minus the base model's loss there; 0 = nothing forgotten, "
+             "below 0 = better than the base model.", "",
              "| regularizer | final task loss | best task loss (round) | general loss | "
              "forgetting | forgetting vs none |", "|---|---|---|---|---|---|"]
     for name, r in res.items():
