@@ -192,8 +192,7 @@ def regularization_section(res: dict, spec: dict) -> list[str]:
             "Goal (lower task loss than none and at most half its forgetting): "
             + (f"met by {', '.join(winners)}." if winners else "not met by any regularizer here."))
     lines += ["", "![task and general loss](control-regularization.png)", ""]
-    plot_curves(res, ROOT / "docs" / "control-regularization.png",
-                "Small data: task held-out loss per round")
+    plot_regularization(res, ROOT / "docs" / "control-regularization.png")
     return lines
 
 
@@ -231,7 +230,7 @@ def plot_adaptive(res: dict, path: Path) -> None:
         ax.plot([h["round"] for h in rows], [h["eval-loss"] for h in rows], style, marker="o",
                 label=name)
         lr_rows = [h for h in rows if "lr" in h]
-        if lr_rows:
+        if lr_rows and name.startswith("plateau"):  # a fixed run's column is its peak lr
             ax_lr.plot([h["round"] for h in lr_rows], [h["lr"] for h in lr_rows], style,
                        marker="o", label=name)
     ax.set_xlabel("round")
@@ -243,6 +242,28 @@ def plot_adaptive(res: dict, path: Path) -> None:
     for a in (ax, ax_lr):
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_regularization(res: dict, path: Path) -> None:
+    plt = _plt()
+    fig, (ax, ax_gen) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for name, r in res.items():
+        rows = r["history"]
+        ax.plot([h["round"] for h in rows], [h["eval-loss"] for h in rows], marker="o", label=name)
+        per_round = {int(k): v for k, v in r["general-loss-per-round"].items()}
+        rounds = [0] + [h["round"] for h in rows if h["round"] > 0]
+        ax_gen.plot(rounds, [r["general-loss-base"]] + [per_round[n] for n in rounds[1:]],
+                    marker="o", label=name)
+    ax.set_title("Task: held-out loss per round")
+    ax_gen.set_title("Forgetting: loss on general chat text (round 0 = base)")
+    for a in (ax, ax_gen):
+        a.set_xlabel("round")
+        a.set_ylabel("loss (response tokens)")
+        a.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
