@@ -10,7 +10,7 @@ from flwr.clientapp import ClientApp
 from flwr.common import log
 
 from common.config import (
-    ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, PROXIMAL_MU_KEY,
+    ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, PROXIMAL_MU_KEY, ROUND_LR_KEY,
     SERVER_ROUND_KEY, TRANSPORT_DTYPE_KEY, UNIT_WEIGHT_KEY, DP_EPSILON_KEY, RunConfig,
 )
 from common.dp import DP_REFUSAL_CODE, BudgetExhausted
@@ -100,6 +100,8 @@ def train(msg: Message, context: Context) -> Message:
     crash_if_asked(partition_id)  # test hook (client/faults.py); no-op unless asked
     config = msg.content[CONFIG_KEY]
     server_round = int(config[SERVER_ROUND_KEY])
+    if ROUND_LR_KEY in config:  # lr-plateau: the server's current peak lr scales the schedule
+        cfg = cfg.replace(lr=float(config[ROUND_LR_KEY]))
     # 2. Seeds per (run, round, client): reproducible, different across clients.
     seed = cfg.seed * 1_000_003 + server_round * 1_009 + partition_id
     torch.manual_seed(seed)  # LoRA dropout

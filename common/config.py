@@ -41,6 +41,8 @@ STRATEGIES = (
 KRUM_STRATEGIES = ("krum", "multikrum", "bulyan")
 PARTITIONERS = ("natural", "iid", "dirichlet")
 LR_SCHEDULES = ("constant", "linear", "cosine")
+OPTIMIZERS = ("adamw", "adamw-schedulefree")
+ROUND_LR_KEY = "lr"  # in train configs under lr-plateau: the clients' current peak lr
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TRANSPORT_DTYPES = ("float32", "float16", "bfloat16")
 DATA_FORMATS = ("auto", "instruction", "chat")
@@ -197,14 +199,41 @@ class RunConfig:
     eval_batch_size: int = _opt("Batch size for evaluation.", default=16)
     seed: int = _opt("Seed for LoRA init, data order and dropout.", default=0)
     early_stopping_patience: int = _opt(
-        "fedtune train: stop after this many rounds without a lower validation loss "
-        "(0: off).",
+        "Stop the run (fedtune train, or the whole federation) after this many rounds "
+        "without a lower validation loss; it exits 0 and reports the rounds, bytes and "
+        "time saved (0: off).",
         default=0,
     )
     validation_examples: int = _opt(
-        "Validation split for early stopping, drawn before partitioning and apart from "
-        "the held-out split (used only when early-stopping-patience > 0).",
+        "Validation split for early stopping and lr-plateau, drawn before partitioning "
+        "and apart from the held-out split (used only when one of them is on).",
         default=64,
+    )
+    # --- loss-driven learning rate (common/lr_control.py) ---------------------------
+    lr_plateau: bool = _opt(
+        "Cut the clients' peak lr when the validation loss plateaus (torch's "
+        "ReduceLROnPlateau rule, run by the server each round; the lr travels in the "
+        "round config and scales the client's schedule) (true/false).",
+        default=False,
+    )
+    lr_plateau_factor: float = _opt("lr-plateau: lr <- lr * factor on a plateau, in (0, 1).",
+                                    default=0.5)
+    lr_plateau_patience: int = _opt(
+        "lr-plateau: rounds without improvement tolerated before a cut.", default=1
+    )
+    lr_plateau_cooldown: int = _opt(
+        "lr-plateau: rounds after a cut in which no new cut happens.", default=0
+    )
+    lr_plateau_min_lr: float = _opt("lr-plateau: the lowest lr a cut goes to.", default=0.0)
+    lr_plateau_threshold: float = _opt(
+        "lr-plateau: relative improvement that counts, loss < best * (1 - threshold).",
+        default=1e-3,
+    )
+    optimizer: str = _opt(
+        f"Client optimizer, one of {OPTIMIZERS}: AdamW with lr-schedule, or schedule-free "
+        "AdamW (the schedulefree package; no schedule, constant lr after warmup-steps; "
+        "the averaged weights are sent).",
+        default="adamw",
     )
     # --- objective terms (added to the task loss by common/objectives.py) -----------
     l2sp_weight: float = _opt(
@@ -253,7 +282,9 @@ class RunConfig:
         "FedProx mu: clients add (mu/2)*||w - w_global||^2 over the adapter.", default=0.0
     )
     server_eta: float = _opt(
-        "Server learning rate of fedadam / fedyogi / fedadagrad (Flower's eta).", default=3e-3
+        "Server learning rate of fedadam / fedyogi / fedadagrad (Flower's eta; 2e-2 was "
+        "the best of a sweep on a short run, docs/control.md).",
+        default=2e-2,
     )
     server_beta1: float = _opt("fedadam / fedyogi first-moment decay.", default=0.9)
     server_beta2: float = _opt("fedadam / fedyogi second-moment decay.", default=0.99)
@@ -403,6 +434,8 @@ class RunConfig:
         _check_choice("partitioner", self.partitioner, PARTITIONERS)
         _check_choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
         _check_choice("strategy", self.strategy, STRATEGIES)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        self._check_lr_control()
         for name in ("num-threads", "eval-every", "lora-r", "batch-size", "grad-accum", "local-steps",
                      "eval-batch-size", "num-server-rounds", "num-clients",
                      "min-train-clients", "max-length"):
@@ -503,6 +536,19 @@ class RunConfig:
                 f"config 'student-layer-choice' must be {', '.join(STUDENT_LAYER_CHOICES)} or "
                 f"distinct layer indices >= 0 like '0,2,4'; got {self.student_layer_choice!r}")
         return sorted(layers)
+    def _check_lr_control(self) -> None:
+        if not 0.0 < self.lr_plateau_factor < 1.0:
+            raise ValueError(f"config 'lr-plateau-factor' must be in (0, 1), got {self.lr_plateau_factor}")
+        for name in ("lr-plateau-patience", "lr-plateau-cooldown", "lr-plateau-min-lr",
+                     "lr-plateau-threshold"):
+            if getattr(self, _attr(name)) < 0:
+                raise ValueError(f"config '{name}' must be >= 0, got {getattr(self, _attr(name))}")
+        if self.uses_validation and self.validation_examples < 1:
+            raise ValueError("config 'validation-examples' is 0, but early stopping and "
+                             "lr-plateau watch the validation loss: set it >= 1 (e.g. 64)")
+        if self.optimizer == "adamw-schedulefree" and self.dp_sgd:
+            raise ValueError("config 'optimizer' adamw-schedulefree cannot run under 'dp-sgd' "
+                             "(Opacus' optimizer wrapper hides its train/eval switch): use adamw")
 
     def _check_lora_aggregation(self) -> None:
         _check_choice("lora-aggregation", self.lora_aggregation, LORA_AGGREGATIONS)
@@ -623,6 +669,11 @@ class RunConfig:
         if categories.strip() == "auto":
             categories = WORDNET_CATEGORIES if self.dataset == BUILTIN_DATASET else ""
         return [c.strip() for c in categories.split(",") if c.strip()]
+
+    @property
+    def uses_validation(self) -> bool:
+        """True when a validation split is drawn: early stopping or lr-plateau watch it."""
+        return bool(self.early_stopping_patience) or self.lr_plateau
 
     @property
     def evaluates(self) -> bool:

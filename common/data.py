@@ -304,7 +304,7 @@ def load_run_data(cfg: RunConfig, num_partitions: int) -> RunData:
     held_out = 0 if cfg.eval_dataset else cfg.eval_examples
     return _load_run_data(cfg.dataset, fmt, ",".join(cfg.category_list), cfg.partitioner,
                           cfg.partition_by, cfg.dirichlet_alpha, held_out,
-                          cfg.validation_examples if cfg.early_stopping_patience else 0,
+                          cfg.validation_examples if cfg.uses_validation else 0,
                           cfg.seed, num_partitions, cfg.on_bad_record)
 
 

@@ -65,7 +65,17 @@ def lr_factor(step: int, *, total: int, warmup: int, schedule: str) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    """AdamW, or schedule-free AdamW ('optimizer' adamw-schedulefree; Defazio et al. 2024,
+    the ``schedulefree`` package). Its state starts fresh every round, as AdamW's does:
+    its base sequence z and weight sum describe this client's own trajectory, which the
+    server's aggregate replaces, so carrying them into the next round (context.state)
+    would pull the client back toward its last local iterate. Warmup stays run-global
+    (``lr_factor``), not the package's per-optimizer ``warmup_steps``."""
     params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adamw-schedulefree":
+        from schedulefree import AdamWScheduleFree
+
+        return AdamWScheduleFree(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
@@ -95,9 +105,16 @@ def train_steps(model: torch.nn.Module, batches, objective: Objective, cfg: RunC
         from common.dp import private_training
 
         wrap = private_training(model, optimizer, objective, private)
+    schedule_free = cfg.optimizer == "adamw-schedulefree"  # never under DP (config check)
+    if schedule_free:
+        optimizer.train()  # gradients at y, the interpolation of z and the average x
     with wrap as (optimizer, objective, batches):
-        return _loop(model, optimizer, batches, objective, cfg, num_steps=num_steps,
-                     step_offset=step_offset, total=total, desc=desc)
+        try:
+            return _loop(model, optimizer, batches, objective, cfg, num_steps=num_steps,
+                         step_offset=step_offset, total=total, desc=desc)
+        finally:
+            if schedule_free:  # the averaged weights x into the model: what is sent and evaluated
+                optimizer.eval()
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -138,7 +155,8 @@ def _loop(model, optimizer, batches, objective, cfg: RunConfig, *, num_steps: in
     progress = tqdm(range(num_steps), desc=desc, leave=False, mininterval=2.0, disable=None)
     for step in progress:
         factor = lr_factor(step_offset + step, total=total, warmup=cfg.warmup_steps,
-                           schedule=cfg.lr_schedule)
+                           schedule=("constant" if cfg.optimizer == "adamw-schedulefree"
+                                     else cfg.lr_schedule))  # schedule-free: no schedule
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * factor
         step_loss = 0.0

@@ -8,17 +8,18 @@ import logging
 import time
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import DP_EPSILON_KEY, RunConfig
-from common.data import heldout_examples
+from common.data import heldout_examples, validation_examples
 from common.lora_aggregation import set_residual
 from common.model import adapter_state, get_model, load_tokenizer, set_adapter_state
 from common.runtime import config_from_run_config, release_memory, setup_process
 from common.train import evaluate
 from server.privacy import client_level_epsilon
 from server.checkpoints import RunFolder, ServerState, check_resumable, record_data_stats
+from server.control import FederationStopped, RoundControl, report_early_stop
 from server.strategies import build_strategy
 from server.summary import EVALUATION_OFF, finish_run
 from server.tracking import TensorBoardLog
@@ -39,17 +40,27 @@ def main(grid: Grid, context: Context) -> None:
     strategy = build_strategy(cfg)
     run, initial_arrays, done, best_loss = open_run(cfg, strategy, model)
     heldout = heldout_examples(cfg, cfg.num_clients, tokenizer)
+    # lr-plateau and early stopping: the validation loss each round (server/control.py);
+    # train_config is the record Strategy.start hands configure_train every round, so
+    # the lr the control sets after round N reaches round N+1's clients.
+    train_config = ConfigRecord()
+    control = RoundControl(cfg, run, validation_examples(cfg, tokenizer) if cfg.uses_validation
+                           else [], tokenizer.pad_token_id, train_config, resumed_round=done)
     # A resumed run runs only the rounds left; the strategy and the hook add `done`
     # to Flower's round numbers (server/resume.py explains why).
     hook = RoundHook(cfg, run, model, tokenizer, heldout, strategy,
-                     resumed_round=done, best_loss=best_loss)
-    strategy.start(
-        grid=grid,
-        initial_arrays=initial_arrays,
-        num_rounds=cfg.num_server_rounds - done,
-        timeout=cfg.round_timeout,
-        evaluate_fn=hook,
-    )
+                     resumed_round=done, best_loss=best_loss, control=control)
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=initial_arrays,
+            num_rounds=cfg.num_server_rounds - done,
+            timeout=cfg.round_timeout,
+            train_config=train_config,
+            evaluate_fn=hook,
+        )
+    except FederationStopped as stop:  # raised by the hook after the round was saved
+        report_early_stop(cfg, run, stop)
     # The table, headline, try-it line and plots: the same for `fedtune simulate` and
     # `flwr run`, since both end here.
     finish_run(cfg, run.path, time.perf_counter() - hook.started)
@@ -86,8 +97,9 @@ class RoundHook:
     """Called by ``Strategy.start`` before round 1 and after every round."""
 
     def __init__(self, cfg: RunConfig, run: RunFolder, model, tokenizer, heldout, strategy, *,
-                 resumed_round: int = 0, best_loss: float = float("inf")):
+                 resumed_round: int = 0, best_loss: float = float("inf"), control=None):
         self.cfg, self.run, self.model, self.strategy = cfg, run, model, strategy
+        self.control = control  # server/control.py: lr-plateau, early stopping (or None)
         self.heldout, self.pad_id = heldout, tokenizer.pad_token_id
         self.offset, self.best_loss = resumed_round, best_loss
         history = run.history()  # a resumed run's seconds and MB go on from where they stopped
@@ -115,6 +127,8 @@ class RoundHook:
             row.update(evaluate(self.model, self.heldout, batch_size=self.cfg.eval_batch_size,
                                 pad_token_id=self.pad_id).row())
             release_memory()
+        if self.control is not None:  # validation loss, lr used and the next round's lr
+            row.update(self.control.observe(self.model, server_round))
         traffic, clients = getattr(self.strategy, "traffic", None), []
         if server_round > 0 and traffic is not None:
             clients = traffic.clients
@@ -153,10 +167,13 @@ class RoundHook:
             self.run.save_state(ServerState(
                 server_round=server_round, config=self.cfg.to_mapping(),
                 arrays={k: a.numpy() for k, a in arrays.items()},
-                optimizer=optimizer_state()))
+                optimizer=optimizer_state(),
+                control=self.control.state_dict() if self.control is not None else {}))
         if self.tensorboard is not None:
             self.tensorboard.write(row, clients)
         self.run.log(format_row(row, eval_every=self.cfg.eval_every if self.heldout else 0))
+        if self.control is not None:
+            self.control.stop_if_done(server_round)  # raises FederationStopped
         return MetricRecord({k: float(v) for k, v in row.items() if k != "round"})
 
 
@@ -201,6 +218,8 @@ def format_row(row: dict, *, eval_every: int = 0) -> str:
     for key in ("epsilon", "client-epsilon"):
         if key in row:
             line += f" | {key} {row[key]:.2f}"
+    if "lr" in row:
+        line += f" | lr {row['lr']:.2e}"
     if row.get("dp-refused"):
         line += f" | {row['dp-refused']} over DP budget"
     return line

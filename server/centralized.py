@@ -22,23 +22,11 @@ from common.model import adapter_state, get_model, load_tokenizer
 from common.objectives import build_objective
 from common.runtime import setup_process
 from common.train import evaluate, train_steps
+from common.lr_control import EarlyStopping  # noqa: F401 - its old home; tests import it here
 from server.app import RoundHook
 from server.checkpoints import RunFolder, record_data_stats
+from server.control import FederationStopped, RoundControl, report_early_stop
 from server.strategies import RoundTraffic
-
-
-class EarlyStopping:
-    """Stop when the held-out loss has not gone lower for ``patience`` evaluations."""
-
-    def __init__(self, patience: int, initial_loss: float):
-        self.patience, self.best, self.since_best = patience, initial_loss, 0
-
-    def update(self, loss: float) -> bool:
-        if loss < self.best:
-            self.best, self.since_best = loss, 0
-        else:
-            self.since_best += 1
-        return bool(self.patience) and self.since_best >= self.patience
 
 
 class _NoWire:
@@ -68,36 +56,32 @@ def run_centralized(cfg: RunConfig, *, partition_id: int | None = None) -> RunFo
         examples, tokenizer.pad_token_id, torch.Generator().manual_seed(cfg.seed + 1),
         cfg.dp_grad_sample_mode)
     wire = _NoWire()
-    hook = RoundHook(cfg, run, model, tokenizer, heldout_examples(cfg, cfg.num_clients, tokenizer), wire)
+    # Early stopping and lr-plateau watch their own validation split: choosing the
+    # stopping round on the held-out split would leak it into training decisions.
+    control = RoundControl(cfg, run, validation_examples(cfg, tokenizer) if cfg.uses_validation
+                           else [], tokenizer.pad_token_id)
+    hook = RoundHook(cfg, run, model, tokenizer, heldout_examples(cfg, cfg.num_clients, tokenizer),
+                     wire, control=control)
     label = "centralized" if partition_id is None else f"local-only client {partition_id}"
     print(f"fedtune: {label}: {len(examples)} examples, {total_steps} steps, run folder {run.path}",
           flush=True)
     hook(0, ArrayRecord(adapter_state(model)))
-    # Early stopping watches its own validation split: choosing the stopping round on
-    # the held-out split would leak it into training decisions.
-    validation = validation_examples(cfg, tokenizer) if cfg.early_stopping_patience else []
-
-    def val_loss() -> float:
-        return evaluate(model, validation, batch_size=cfg.eval_batch_size,
-                        pad_token_id=tokenizer.pad_token_id).loss
-
-    stopper = EarlyStopping(cfg.early_stopping_patience, val_loss() if validation else 0.0)
-    for server_round in range(1, cfg.num_server_rounds + 1):
-        if private is not None:
-            check_budget(private.accountant, private.plan, steps_per_round)
-        stats = train_steps(model, batches, objective, cfg, num_steps=steps_per_round,
-                            step_offset=(server_round - 1) * steps_per_round,
-                            total_steps=total_steps, desc=f"round {server_round}",
-                            private=private)
-        client = {"round": server_round, "train-loss": stats.loss,
-                  "num-examples": len(examples), "train-seconds": stats.seconds,
-                  "partition-id": -1 if partition_id is None else partition_id}
-        if private is not None:
-            client[DP_EPSILON_KEY] = private.accountant.epsilon(private.plan.delta)
-        wire.traffic = RoundTraffic(replies=1, clients=[client])
-        hook(server_round, ArrayRecord(adapter_state(model)))
-        if validation and stopper.update(val_loss()):
-            print(f"fedtune: early stop after round {server_round}: validation loss has not "
-                  f"improved for {stopper.since_best} rounds", flush=True)
-            break
+    try:
+        for server_round in range(1, cfg.num_server_rounds + 1):
+            if private is not None:
+                check_budget(private.accountant, private.plan, steps_per_round)
+            stats = train_steps(model, batches, objective, cfg.replace(lr=control.lr),
+                                num_steps=steps_per_round,
+                                step_offset=(server_round - 1) * steps_per_round,
+                                total_steps=total_steps, desc=f"round {server_round}",
+                                private=private)
+            client = {"round": server_round, "train-loss": stats.loss,
+                      "num-examples": len(examples), "train-seconds": stats.seconds,
+                      "partition-id": -1 if partition_id is None else partition_id}
+            if private is not None:
+                client[DP_EPSILON_KEY] = private.accountant.epsilon(private.plan.delta)
+            wire.traffic = RoundTraffic(replies=1, clients=[client])
+            hook(server_round, ArrayRecord(adapter_state(model)))  # raises at an early stop
+    except FederationStopped as stop:
+        report_early_stop(cfg, run, stop)
     return run

@@ -28,7 +28,7 @@ from server.console import CONSOLE_ENV, OWN_LINE_MARK
 
 HISTORY_COLUMNS = (
     "round", "train-loss", "eval-loss", "eval-perplexity", "eval-token-accuracy",
-    "eval-accuracy", "eval-macro-f1", "clients", "failures", "rejected", "aggregated",
+    "eval-accuracy", "eval-macro-f1", "val-loss", "lr", "clients", "failures", "rejected", "aggregated",
     "bytes-sent", "bytes-received", "mb-total", "seconds",
 )
 
@@ -51,6 +51,8 @@ class ServerState:
     optimizer: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+    # server/control.py: lr-plateau and early-stopping counters (JSON: floats exact)
+    control: dict[str, Any] = field(default_factory=dict)
 
 
 def check_resumable(state: ServerState, cfg: RunConfig, run_dir: Path) -> None:
@@ -96,6 +98,7 @@ class RunFolder:
         RUN_DIR/run.log                what the server printed (round lines, summary)
         RUN_DIR/plots/*.png            curves (``fedtune plot``; end of ``fedtune simulate``)
         RUN_DIR/tensorboard/           TensorBoard event files (with --tensorboard)
+        RUN_DIR/early-stop.json        why and when early stopping ended the run, what it saved
         RUN_DIR/state/round-N.*        server state after round N, for --resume (the last two)
 
     See docs/run-folder.md.
@@ -222,7 +225,8 @@ class RunFolder:
         sidecar = {"round": state.server_round, "config": state.config,
                    "versions": state.versions or library_versions(),
                    # safetensors sorts its keys; FedAvgM's momentum is a list in key order
-                   "order": {group: list(arrays) for group, arrays in groups.items()}}
+                   "order": {group: list(arrays) for group, arrays in groups.items()},
+                   "control": state.control}
         atomic_write_text(stem.with_suffix(".json"), json.dumps(sidecar, indent=2) + "\n")
         for old in folder.glob("round-*.*"):  # only the newest committed state is kept
             if _round_of(old) < state.server_round:
@@ -240,7 +244,8 @@ class RunFolder:
             groups = {group: {name: flat[f"{group}/{name}"] for name in names}
                       for group, names in meta["order"].items()}
             return ServerState(server_round=meta["round"], arrays=groups.pop("global"),
-                               optimizer=groups, config=meta["config"], versions=meta["versions"])
+                               optimizer=groups, config=meta["config"], versions=meta["versions"],
+                               control=meta.get("control", {}))
         raise FileNotFoundError(f"run folder '{self.path}' holds no server state "
                                 f"({STATE_DIR}/round-N.json): no round finished there, or an "
                                 "older fedtune wrote it; start a new run")

@@ -36,7 +36,7 @@ def test_centralized_and_local_only_runs(tiny_model_dir, tiny_dataset, tmp_path)
 
 
 def test_early_stopping_waits_for_patience():
-    stopper = EarlyStopping(patience=2, initial_loss=3.0)
+    stopper = EarlyStopping(patience=2, best=3.0)
     assert [stopper.update(x) for x in (2.5, 2.6, 2.4, 2.45, 2.5)] == [False, False, False, False, True]
     assert not any(EarlyStopping(0, 1.0).update(9.0) for _ in range(5))  # 0 = off
 

@@ -1,0 +1,111 @@
+"""Loss-driven control of a run, on the server: after every round the validation loss
+of the new global adapter feeds ``lr-plateau`` (the next round's client lr) and early
+stopping (the end of the run). The rules are in ``common/lr_control.py``; this module
+evaluates, puts the lr in the round config, saves the state for ``--resume`` and ends
+the run.
+
+Ending the run: Flower's ``Strategy.start`` has no stop hook, so ``RoundHook`` (its
+``evaluate_fn``, the last step of a round, after the round's state is saved) raises
+:class:`FederationStopped`, and ``server/app.py`` ``main`` catches it, reports what
+stopping saved, and finishes the run as usual (exit status 0).
+"""
+
+from __future__ import annotations
+
+import json
+
+from common.config import ROUND_LR_KEY, RunConfig
+from common.lr_control import LossControl
+from common.train import evaluate
+
+
+class FederationStopped(Exception):
+    """Raised after the last round that early stopping lets run; not an error."""
+
+    def __init__(self, server_round: int, reason: str):
+        super().__init__(f"early stop after round {server_round}: {reason}")
+        self.server_round, self.reason = server_round, reason
+
+
+class RoundControl:
+    """The run's :class:`common.lr_control.LossControl`, fed by the validation loss.
+
+    ``train_config``: the ConfigRecord ``Strategy.start`` passes to ``configure_train``
+    every round (None in ``fedtune train``, which reads :attr:`lr` instead). With
+    ``resumed_round`` > 0 the controllers' state saved with that round is restored.
+    Raises ValueError when a resumed run had already stopped under the same patience.
+    """
+
+    def __init__(self, cfg: RunConfig, run, validation: list[dict], pad_token_id: int,
+                 train_config=None, *, resumed_round: int = 0):
+        self.cfg, self.validation, self.pad_id = cfg, validation, pad_token_id
+        self.train_config = train_config
+        self.loss_control = LossControl(cfg)
+        if resumed_round:
+            self.loss_control.load_state_dict(run.load_state().control)
+            if self.loss_control.stopper.stopped:
+                raise ValueError(
+                    f"cannot resume '{run.path}': it stopped early after round {resumed_round} "
+                    f"({self.loss_control.stopper.reason()}): raise --early-stopping-patience "
+                    "or set it to 0 to train on")
+        self._publish()
+
+    @property
+    def active(self) -> bool:
+        return self.loss_control.active and bool(self.validation)
+
+    @property
+    def lr(self) -> float:
+        """The clients' peak lr for the next round."""
+        return self.loss_control.lr(self.cfg.lr)
+
+    def _publish(self) -> None:
+        """Only under lr-plateau does the round config carry an lr (else the config's)."""
+        if self.train_config is not None and self.loss_control.plateau is not None:
+            self.train_config[ROUND_LR_KEY] = self.lr
+
+    def observe(self, model, server_round: int) -> dict[str, float]:
+        """The validation loss of ``model`` (the new global adapter) into the controllers;
+        returns the history columns: 'val-loss', and 'lr', the rate this round used."""
+        if not self.active:
+            return {}
+        used = self.lr
+        loss = evaluate(model, self.validation, batch_size=self.cfg.eval_batch_size,
+                        pad_token_id=self.pad_id).loss
+        if server_round == 0:
+            self.loss_control.start(loss)
+            return {"val-loss": loss}
+        self.loss_control.update(loss, server_round)
+        self._publish()
+        return {"val-loss": loss, "lr": used}
+
+    def stop_if_done(self, server_round: int) -> None:
+        """Raise :class:`FederationStopped` when early stopping says so (round > 0)."""
+        stopper = self.loss_control.stopper
+        if server_round > 0 and self.active and stopper.stopped:
+            raise FederationStopped(server_round, stopper.reason())
+
+    def state_dict(self) -> dict:
+        return self.loss_control.state_dict()
+
+
+def report_early_stop(cfg: RunConfig, run, stop: FederationStopped) -> dict:
+    """Log why the run stopped and what it saved: the rounds not run, and the bytes
+    and seconds they would have cost at this run's mean per round (an estimate: later
+    rounds cost what earlier ones did). Also written to RUN_DIR/early-stop.json."""
+    history = [r for r in run.history() if r["round"] > 0]
+    left = cfg.num_server_rounds - stop.server_round
+    per_round_mb = history[-1].get("mb-total", 0.0) / len(history) if history else 0.0
+    per_round_s = history[-1].get("seconds", 0.0) / len(history) if history else 0.0
+    saved = {"stopped-after-round": stop.server_round, "num-server-rounds": cfg.num_server_rounds,
+             "rounds-saved": left, "mb-saved": round(left * per_round_mb, 3),
+             "seconds-saved": round(left * per_round_s, 1), "reason": stop.reason}
+    run.log(f"fedtune: {stop}")
+    run.log(f"fedtune: early stopping saved {left} of {cfg.num_server_rounds} rounds "
+            f"(~{saved['mb-saved']:.2f} MB and ~{saved['seconds-saved']:.0f} s at this run's "
+            "mean per round)")
+    from server.checkpoints import atomic_write_text
+
+    atomic_write_text(run.path / "early-stop.json", json.dumps(saved, indent=2) + "\n")
+    return saved
+
