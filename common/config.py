@@ -162,7 +162,12 @@ class RunConfig:
     warmup_steps: int = _opt("Linear warmup steps at the start of the run.", default=0)
     weight_decay: float = _opt("AdamW weight decay.", default=0.0)
     batch_size: int = _opt("Examples per micro-batch.", default=8)
-    grad_accum: int = _opt("Micro-batches per optimizer step.", default=1)
+    grad_accum: int = _opt(
+        "Micro-batches per optimizer step. Under dp-sgd: the logical (Poisson) batch of "
+        "batch-size x grad-accum expected examples is split into this many micro-batches, "
+        "with one noise draw and one step per logical batch.",
+        default=1,
+    )
     group_by_length: bool = _opt(
         "Batch examples of similar length (shuffled groups of 50 batches, sorted by "
         "length): less padding, same examples per epoch (true/false).",
@@ -299,6 +304,13 @@ class RunConfig:
         "module hooks, or torch.func for layers without a hook.",
         default="hooks",
     )
+    dp_recipe: bool = _opt(
+        "DP-SGD: give the settings left at their generic defaults the DP recipe's values "
+        "(docs/privacy.md): grad-accum for a logical batch of about 256, lr-schedule "
+        "constant, lora-r 4, lora-dropout 0, and for the built-in causal LM "
+        "lora-target-modules q_proj,v_proj (true/false).",
+        default=True,
+    )
     ffa_lora: bool = _opt(
         "FFA-LoRA: freeze the LoRA A matrices at their shared seeded init, train and send "
         "only B (half the traffic; steadier under DP noise) (true/false).",
@@ -341,6 +353,8 @@ class RunConfig:
     )
 
     def __post_init__(self) -> None:
+        for attr, value in dp_recipe_changes(self).items():
+            object.__setattr__(self, attr, value)  # frozen: resolved once, here
         _check_choice("task", self.task, TASKS)
         if self.device not in ("auto", "cpu", "cuda") and not (
                 self.device.startswith("cuda:") and self.device[5:].isdigit()):
@@ -455,9 +469,6 @@ class RunConfig:
         if self.dp_sgd and not (self.dp_target_epsilon or self.dp_noise_multiplier):
             raise ValueError("config 'dp-sgd' is on with 'dp-target-epsilon' 0 and "
                              "'dp-noise-multiplier' 0: set a budget or a noise multiplier")
-        if self.dp_sgd and self.grad_accum != 1:
-            raise ValueError("config 'grad-accum' must be 1 with 'dp-sgd' (Poisson batches "
-                             "have no fixed size to split): raise 'batch-size' instead")
         if private and self.resume_from:
             raise ValueError("config 'resume-from' cannot continue a differentially private "
                              "run: the clients' accountants live in their Flower contexts, "
@@ -565,6 +576,36 @@ class RunConfig:
     def total_local_steps(self) -> int:
         """Schedule length in one client's optimizer steps: by default the whole run."""
         return self.lr_schedule_steps or self.num_server_rounds * self.local_steps
+
+
+DP_RECIPE_LOGICAL_BATCH = 256
+
+
+def dp_recipe_changes(cfg: "RunConfig") -> dict[str, Any]:
+    """The DP recipe's values for the settings ``cfg`` leaves at their generic defaults,
+    when 'dp-sgd' and 'dp-recipe' are on (else nothing); keyed by attribute name.
+
+    Sources: large logical batches, a constant lr, few trainable values (Li et al.,
+    2022, "Large language models can be strong differentially private learners"; De
+    et al., 2022); LoRA rank 4, no dropout, a constant lr, clip 1 (microsoft/
+    dp-transformers' GPT-2 LoRA recipe at epsilon 8); the attention projections only
+    (Yu et al., 2022, "Differentially private fine-tuning of language models", LoRA on
+    q and v). Applying it twice changes nothing: a recipe value is never a default.
+    """
+    if not (cfg.dp_sgd and cfg.dp_recipe):
+        return {}
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    recipe = {
+        "grad_accum": max(1, round(DP_RECIPE_LOGICAL_BATCH / cfg.batch_size)),
+        "lr_schedule": "constant",
+        "lora_dropout": 0.0,
+    }
+    if not cfg.client_lora_ranks:  # heterogeneous ranks are checked against lora-r
+        recipe["lora_r"] = 4
+    if cfg.model == BUILTIN_MODEL and cfg.task == "causal-lm":
+        recipe["lora_target_modules"] = "q_proj,v_proj"
+    return {attr: value for attr, value in recipe.items()
+            if getattr(cfg, attr) == defaults[attr] and value != defaults[attr]}
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

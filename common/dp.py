@@ -3,7 +3,19 @@
 The loop in ``common/train.py`` does not change under DP: :func:`private_training`
 hands it a DP optimizer, an objective and Poisson-sampled batches in place of the
 plain ones, and removes Opacus' hooks afterwards (the model is cached per process, so
-it must leave as it came). The accountant's history is explicit state: a client keeps
+it must leave as it came).
+
+Large logical batches: one optimizer step takes an expected ``batch-size x grad-accum``
+examples, drawn by Poisson sampling at that (logical) rate, split into ``grad-accum``
+physical micro-batches; one noise draw and one step per logical batch, and the
+accountant records the logical rate. Between micro-batches the per-example gradients
+are clipped into a running sum and freed, with Opacus' own virtual step
+(``DPOptimizer.signal_skip_step``, the mechanism of its ``BatchMemoryManager``), so
+memory is that of one micro-batch. ``BatchMemoryManager`` itself wraps a DataLoader
+and needs ``optimizer.step()`` after every physical batch, a variable number of them
+per logical batch; our loop takes a fixed ``grad-accum`` micro-batches per step, so
+the logical batch is split into that many near-equal parts instead (the split
+``BatchSplittingSampler`` makes, by count rather than by maximum size). The accountant's history is explicit state: a client keeps
 it in its Flower ``context.state`` so epsilon composes over the whole run instead of
 restarting every round (the mistake of a new PrivacyEngine per round).
 
@@ -40,11 +52,17 @@ class DPPlan:
     delta: float
     budget: float  # the epsilon a client may not exceed (0: no budget)
     planned_steps: int
+    micro_batches: int = 1  # physical micro-batches per logical (Poisson) batch: grad-accum
 
 
 def plan(cfg: RunConfig, *, num_examples: int, planned_steps: int) -> DPPlan:
     """The noise for the planned steps of the whole run, or a one-line error naming
-    the setting that cannot work."""
+    the setting that cannot work.
+
+    The logical batch is ``batch-size x grad-accum`` expected examples: the sampling
+    rate is that over ``num_examples`` (capped at 1), and the noise is calibrated to
+    that rate over ``planned_steps`` logical steps (Opacus' ``get_noise_multiplier``).
+    """
     if num_examples < 1:
         raise ValueError("DP-SGD needs at least one training example on every client")
     if cfg.dp_delta >= 1.0 / num_examples:
@@ -53,7 +71,7 @@ def plan(cfg: RunConfig, *, num_examples: int, planned_steps: int) -> DPPlan:
             f"client's examples): a delta that large allows leaking one record outright; "
             f"set --dp-delta below {1.0 / num_examples:.2g}"
         )
-    sample_rate = min(1.0, cfg.batch_size / num_examples)
+    sample_rate = min(1.0, cfg.batch_size * cfg.grad_accum / num_examples)
     noise = cfg.dp_noise_multiplier
     if noise == 0.0:
         noise = noise_for_budget(cfg.dp_target_epsilon, cfg.dp_delta, sample_rate,
@@ -61,7 +79,8 @@ def plan(cfg: RunConfig, *, num_examples: int, planned_steps: int) -> DPPlan:
     return DPPlan(noise_multiplier=noise, sample_rate=sample_rate,
                   expected_batch_size=max(1, round(sample_rate * num_examples)),
                   max_grad_norm=cfg.dp_max_grad_norm, delta=cfg.dp_delta,
-                  budget=cfg.dp_target_epsilon, planned_steps=planned_steps)
+                  budget=cfg.dp_target_epsilon, planned_steps=planned_steps,
+                  micro_batches=cfg.grad_accum)
 
 
 def noise_for_budget(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
@@ -142,8 +161,14 @@ class _PenaltyAfterNoiseOptimizer:
     """
 
     penalty: Callable[[], torch.Tensor] | None = None
+    # The loop weights no micro-batch's loss (common/train.py): Opacus recovers each
+    # example's gradient from the micro-batch mean and divides the clipped sum by the
+    # expected logical batch itself.
+    per_example_clipping = True
+    micro_pending = False  # a micro-batch's per-example gradients await clipping
 
     def step(self, closure=None):
+        self.micro_pending = False  # this step (virtual or real) clips them
         for p in self.params:
             if getattr(p, "grad_sample", None) is None:  # empty batch: no forward ran
                 p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
@@ -168,20 +193,35 @@ def _dp_optimizer(optimizer, dp: DPPlan, generator: torch.Generator | None):
 
 
 def poisson_batches(examples: list[dict], sample_rate: float, pad_token_id: int,
-                    generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
-    """Each example joins each batch independently with probability ``sample_rate``
-    (Opacus' sampler), which DP-SGD's accounting assumes. Empty batches come out as
-    zero-row tensors: the objective skips the forward, the optimizer still steps."""
+                    generator: torch.Generator, *,
+                    micro_batches: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+    """Each example joins each logical batch independently with probability
+    ``sample_rate`` (Opacus' sampler), which DP-SGD's accounting assumes; each logical
+    batch comes out as ``micro_batches`` physical ones, in a row.
+
+    The split is Opacus' ``BatchSplittingSampler``'s (``numpy.array_split``, parts
+    differing by at most one example), after sorting the draw by length so that each
+    part pads less: a reordering within one logical batch, which changes neither the
+    clipped sum nor the privacy. Empty parts (a draw smaller than ``micro_batches``)
+    come out as zero-row tensors: the objective skips the forward, the optimizer
+    still steps at the end of the logical batch, with noise only if all were empty.
+    """
+    import numpy as np
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
+    if micro_batches < 1:
+        raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
     sampler = UniformWithReplacementSampler(num_samples=len(examples),
                                             sample_rate=sample_rate, generator=generator)
+    classification = "label" in examples[0]
     while True:
         for indices in sampler:
-            if len(indices):
-                yield collate([examples[i] for i in indices], pad_token_id)
-            else:
-                yield empty_batch(classification="label" in examples[0])
+            ordered = sorted(list(indices), key=lambda i: len(examples[i]["input_ids"]))
+            for part in np.array_split(np.array(ordered, dtype=np.int64), micro_batches):
+                if len(part):
+                    yield collate([examples[i] for i in part.tolist()], pad_token_id)
+                else:
+                    yield empty_batch(classification=classification)
 
 
 def empty_batch(*, classification: bool) -> dict[str, torch.Tensor]:
@@ -191,12 +231,29 @@ def empty_batch(*, classification: bool) -> dict[str, torch.Tensor]:
             "attention_mask": torch.zeros((0, 1), dtype=torch.long), "labels": labels}
 
 
-def _skip_empty(objective):
-    def private_objective(model, batch):
+class _MicroBatches:
+    """The task loss under DP, one physical micro-batch per call.
+
+    Before a micro-batch that follows another of the same logical batch, Opacus'
+    virtual step (``signal_skip_step``, then ``step``) clips the previous one's
+    per-example gradients into the running sum ``p.summed_grad`` and ``zero_grad``
+    frees them: no noise, no parameter change. The loop's one ``optimizer.step()``
+    per logical batch then clips the last micro-batch, adds the noise once, scales
+    by the expected logical batch and steps. An empty micro-batch skips the forward.
+    """
+
+    def __init__(self, objective, optimizer):
+        self.objective, self.optimizer = objective, optimizer
+
+    def __call__(self, model, batch):
+        if self.optimizer.micro_pending:
+            self.optimizer.signal_skip_step(do_skip=True)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)  # keeps summed_grad: step skipped
         if batch["input_ids"].shape[0] == 0:
             return torch.zeros((), requires_grad=True)
-        return objective(model, batch)
-    return private_objective
+        self.optimizer.micro_pending = True
+        return self.objective(model, batch)
 
 
 @dataclass
@@ -232,14 +289,15 @@ def private_training(model: torch.nn.Module, optimizer, objective, private: Priv
     if penalties:
         dp_optimizer.penalty = lambda: sum(term(model) for term in penalties)
     batches = poisson_batches(private.examples, private.plan.sample_rate,
-                              private.pad_token_id, private.generator)
+                              private.pad_token_id, private.generator,
+                              micro_batches=private.plan.micro_batches)
     try:
         with warnings.catch_warnings():
             # Opacus' hooks on LoRA layers whose inputs need no grad: expected, and
             # otherwise printed at every step (torch's full-backward-hook notice).
             warnings.filterwarnings("ignore", message="Full backward hook is firing",
                                     category=UserWarning)
-            yield dp_optimizer, _skip_empty(task_loss), batches
+            yield dp_optimizer, _MicroBatches(task_loss, dp_optimizer), batches
     finally:
         wrapped._close()  # removes the hooks and the per-sample gradients
         for p in model.parameters():
