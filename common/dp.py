@@ -98,6 +98,28 @@ def noise_for_budget(epsilon: float, delta: float, sample_rate: float, steps: in
         ) from None
 
 
+def describe_plan(cfg: RunConfig, dp: DPPlan, *, num_examples: int, who: str) -> str:
+    """One line of the plan, printed before training: the logical batch, sampling rate,
+    steps, noise and the epsilon the planned steps spend (Opacus' RDP accountant)."""
+    micro = dp.expected_batch_size / dp.micro_batches
+    return (f"DP-SGD plan, {who}: {num_examples:,} examples, logical batch "
+            f"{dp.expected_batch_size} expected (sampling rate {dp.sample_rate:.4g}) in "
+            f"{dp.micro_batches} micro-batches of ~{micro:.0f}, {dp.planned_steps} steps, "
+            f"noise multiplier {dp.noise_multiplier:.3g}, clip {dp.max_grad_norm:g}: epsilon "
+            f"{Accountant().epsilon_after(dp, dp.planned_steps):.2f} at delta {dp.delta:g} "
+            f"after the last planned step" + (f" (budget {dp.budget:g})" if dp.budget else ""))
+
+
+def describe_settings(cfg: RunConfig) -> str:
+    """The settings DP-SGD's utility hangs on, and whether the recipe chose them."""
+    return (f"DP-SGD settings{' (dp-recipe on: defaults replaced)' if cfg.dp_recipe else ''}: "
+            f"lora-r {cfg.lora_r} on {cfg.lora_target_modules}"
+            f"{', FFA-LoRA' if cfg.ffa_lora else ''}, lora-dropout {cfg.lora_dropout:g}, "
+            f"lr {cfg.lr:g} {cfg.lr_schedule}, batch-size {cfg.batch_size} x grad-accum "
+            f"{cfg.grad_accum}, clip {cfg.dp_max_grad_norm:g}, grad-sample-mode "
+            f"{cfg.dp_grad_sample_mode}")
+
+
 # --- the accountant, as state that travels ---------------------------------------------
 class Accountant:
     """Opacus' RDP accountant with its history as JSON (for ``context.state``)."""
