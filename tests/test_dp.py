@@ -182,7 +182,7 @@ def test_epsilon_grows_and_matches_opacus_accountant_across_rounds(tiny_cfg, tok
 
 
 def test_noise_from_target_epsilon_spends_the_budget_exactly_once(tiny_cfg):
-    cfg = tiny_cfg.replace(dp_sgd=True, dp_target_epsilon=2.0, batch_size=4)
+    cfg = tiny_cfg.replace(dp_sgd=True, dp_target_epsilon=2.0, batch_size=4, dp_recipe=False)
     dp = plan(cfg, num_examples=200, planned_steps=30)
     assert dp.sample_rate == pytest.approx(0.02)
     accountant = Accountant()
