@@ -293,6 +293,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--long", action="store_true", help="the GPU setting (settles the targets)")
     parser.add_argument("--examples", type=int, help="examples processed per run")
+    parser.add_argument("--lrs", help="comma separated learning rates of the sweep")
+    parser.add_argument("--logical", type=int, help="the DP runs' logical batch")
+    parser.add_argument("--trend", help="comma separated logical batches at epsilon 8")
     parser.add_argument("--skip-costs", action="store_true")
     parser.add_argument("--cost", help=argparse.SUPPRESS)  # child: batch,accum,private
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
@@ -308,6 +311,12 @@ def main() -> None:
     s = dict(LONG if args.long else SHORT)
     if args.examples:
         s["examples"] = args.examples
+    if args.lrs:
+        s["lrs"] = tuple(float(v) for v in args.lrs.split(","))
+    if args.logical:
+        s["logical"] = args.logical
+    if args.trend:
+        s["trend"] = tuple(int(v) for v in args.trend.split(","))
     cfg = RunConfig(eval_examples=s["eval"], device="auto")
     saved = ROOT / "runs" / f"bench-privacy{'-long' if args.long else ''}.json"
     saved.parent.mkdir(exist_ok=True)

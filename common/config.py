@@ -49,7 +49,7 @@ ON_BAD_RECORDS = ("error", "skip")
 # Client-level DP (server/privacy.py): Flower's strategy wrappers and mods.
 CLIENT_DP_MODES = ("off", "server-fixed", "client-fixed", "server-adaptive",
                    "client-adaptive", "local")
-DP_GRAD_SAMPLE_MODES = ("hooks", "functorch")
+DP_GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
 DP_EPSILON_KEY = "dp-epsilon"  # in train replies: the client's sample-level epsilon so far
 UNIT_WEIGHT_KEY = "unit-weight"  # in train replies: 1, for unweighted averaging under DP
 LORA_AGGREGATIONS = ("naive", "exact", "svd")  # common/lora_aggregation.py
@@ -301,7 +301,9 @@ class RunConfig:
     dp_max_grad_norm: float = _opt("DP-SGD: per-example gradient clipping norm.", default=1.0)
     dp_grad_sample_mode: str = _opt(
         f"DP-SGD: how Opacus computes per-example gradients, one of {DP_GRAD_SAMPLE_MODES}: "
-        "module hooks, or torch.func for layers without a hook.",
+        "module hooks, torch.func for layers without a hook, or ghost clipping (per-example "
+        "gradient norms without the per-example gradients; causal LM and classification "
+        "losses only).",
         default="hooks",
     )
     dp_recipe: bool = _opt(
@@ -473,6 +475,9 @@ class RunConfig:
             raise ValueError("config 'resume-from' cannot continue a differentially private "
                              "run: the clients' accountants live in their Flower contexts, "
                              "which a new run does not have; start a new run")
+        if self.dp_sgd and self.dp_grad_sample_mode == "ghost" and self.distill_teacher:
+            raise ValueError("config 'dp-grad-sample-mode' ghost needs a loss per example "
+                             "and distillation has none here: use hooks, or no distill-teacher")
         if self.client_dp != "off" and self.transport_dtype != "float32":
             raise ValueError("config 'client-dp' needs 'transport-dtype' float32: the clipping "
                              "and the noise apply to the arrays on the wire")

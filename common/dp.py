@@ -191,8 +191,11 @@ class _PenaltyAfterNoiseOptimizer:
 
     def step(self, closure=None):
         self.micro_pending = False  # this step (virtual or real) clips them
-        for p in self.params:
-            if getattr(p, "grad_sample", None) is None:  # empty batch: no forward ran
+        ghost = hasattr(self, "accumulate")  # Opacus' fast-gradient-clipping optimizer
+        for p in self.params:  # empty batch: no forward ran, nothing to clip
+            if ghost and p.grad is None:
+                p.grad = torch.zeros_like(p)
+            elif not ghost and getattr(p, "grad_sample", None) is None:
                 p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
         if not self.pre_step():
             return None
@@ -205,10 +208,12 @@ class _PenaltyAfterNoiseOptimizer:
         return self.original_optimizer.step()
 
 
-def _dp_optimizer(optimizer, dp: DPPlan, generator: torch.Generator | None):
-    from opacus.optimizers import DPOptimizer
+def _dp_optimizer(optimizer, dp: DPPlan, generator: torch.Generator | None, *,
+                  ghost: bool = False):
+    from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 
-    cls = type("PenaltyAfterNoiseDPOptimizer", (_PenaltyAfterNoiseOptimizer, DPOptimizer), {})
+    base = DPOptimizerFastGradientClipping if ghost else DPOptimizer
+    cls = type("PenaltyAfterNoiseDPOptimizer", (_PenaltyAfterNoiseOptimizer, base), {})
     return cls(optimizer, noise_multiplier=dp.noise_multiplier,
                max_grad_norm=dp.max_grad_norm, expected_batch_size=dp.expected_batch_size,
                loss_reduction="mean", generator=generator)
@@ -264,8 +269,8 @@ class _MicroBatches:
     by the expected logical batch and steps. An empty micro-batch skips the forward.
     """
 
-    def __init__(self, objective, optimizer):
-        self.objective, self.optimizer = objective, optimizer
+    def __init__(self, objective, optimizer, ghost_module=None):
+        self.objective, self.optimizer, self.ghost_module = objective, optimizer, ghost_module
 
     def __call__(self, model, batch):
         if self.optimizer.micro_pending:
@@ -275,7 +280,13 @@ class _MicroBatches:
         if batch["input_ids"].shape[0] == 0:
             return torch.zeros((), requires_grad=True)
         self.optimizer.micro_pending = True
-        return self.objective(model, batch)
+        if self.ghost_module is None:
+            return self.objective(model, batch)
+        from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+
+        # Its backward() runs Opacus' two passes: per-example norms, then the clipped sum.
+        return DPTensorFastGradientClipping(self.ghost_module, self.optimizer,
+                                            self.objective(model, batch), "mean")
 
 
 @dataclass
@@ -287,7 +298,7 @@ class PrivateTraining:
     examples: list[dict]
     pad_token_id: int
     generator: torch.Generator  # Poisson sampling and noise: reproducible per round
-    grad_sample_mode: str = "hooks"  # or "functorch" (config 'dp-grad-sample-mode')
+    grad_sample_mode: str = "hooks"  # or "functorch", "ghost" (config 'dp-grad-sample-mode')
 
 
 @contextmanager
@@ -301,12 +312,29 @@ def private_training(model: torch.nn.Module, optimizer, objective, private: Priv
     # hooks live on its submodules, and peft's methods (disable_adapter for a 'base'
     # teacher) stay reachable. The model is never moved after wrapping (the class of
     # bug in opacus issue 820); tests/test_dp.py checks zero noise equals plain SGD.
-    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean",
-                               force_functorch=private.grad_sample_mode == "functorch")
+    ghost = private.grad_sample_mode == "ghost"
+    if ghost:
+        # Ghost clipping (Li et al., 2022; Opacus >= 1.5): per-example gradient norms
+        # from activations and backprops, never the per-example gradients; it needs the
+        # loss of each example, so the task loss is swapped for its per-example form.
+        from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+        from common.objectives import per_example_losses
+
+        task_loss = per_example_losses(task_loss)
+        if task_loss is None:
+            raise ValueError("dp-grad-sample-mode ghost needs a loss per example: this "
+                             "objective has none; use hooks")
+        wrapped = GradSampleModuleFastGradientClipping(
+            model, batch_first=True, loss_reduction="mean",
+            max_grad_norm=private.plan.max_grad_norm, use_ghost_clipping=True)
+    else:
+        wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean",
+                                   force_functorch=private.grad_sample_mode == "functorch")
     # The noise is drawn where the parameters live; Poisson sampling stays on the CPU.
     device = next(p for p in model.parameters() if p.requires_grad).device
     noise = torch.Generator(device=device).manual_seed(private.generator.initial_seed() + 1)
-    dp_optimizer = _dp_optimizer(optimizer, private.plan, noise)
+    dp_optimizer = _dp_optimizer(optimizer, private.plan, noise, ghost=ghost)
     dp_optimizer.attach_step_hook(private.accountant.hook(private.plan.sample_rate))
     if penalties:
         dp_optimizer.penalty = lambda: sum(term(model) for term in penalties)
@@ -319,11 +347,12 @@ def private_training(model: torch.nn.Module, optimizer, objective, private: Priv
             # otherwise printed at every step (torch's full-backward-hook notice).
             warnings.filterwarnings("ignore", message="Full backward hook is firing",
                                     category=UserWarning)
-            yield dp_optimizer, _MicroBatches(task_loss, dp_optimizer), batches
+            yield dp_optimizer, _MicroBatches(task_loss, dp_optimizer,
+                                              wrapped if ghost else None), batches
     finally:
         wrapped._close()  # removes the hooks and the per-sample gradients
         for p in model.parameters():
-            for attr in ("grad_sample", "summed_grad", "_processed"):
+            for attr in ("grad_sample", "summed_grad", "_processed", "_norm_sample"):
                 if hasattr(p, attr):
                     delattr(p, attr)
 

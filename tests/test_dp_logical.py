@@ -149,3 +149,26 @@ def test_dp_recipe_fills_only_the_settings_left_at_their_defaults():
 def test_resume_stays_refused_for_dp():
     with pytest.raises(ValueError, match="cannot continue a differentially private run"):
         RunConfig(dp_sgd=True, resume_from="runs/a")
+
+
+@pytest.mark.parametrize("micro", [1, 4])
+def test_ghost_clipping_gives_the_hooks_clipped_sum(tiny_cfg, tokenizer, monkeypatch, micro):
+    """Opacus' ghost clipping (norms without per-example gradients) against its hooks
+    (per-example gradients), noise off, a clip that bites, one logical batch of 8."""
+    _sgd(monkeypatch)
+    pad, examples = tokenizer.pad_token_id, _examples(tokenizer, n=8)
+    cfg = _cfg(tiny_cfg, micro)
+    model = get_model(cfg)
+    torch.manual_seed(3)
+    start = {k: v + 0.05 * torch.randn_like(v) for k, v in adapter_state(model).items()}
+    unclipped = _dp_gradient(model, cfg, start, _private(examples, pad, micro=micro, expected=8))
+    clip = 0.3 * float(unclipped.norm())
+    grads = {}
+    for mode in ("hooks", "ghost"):
+        private = _private(examples, pad, micro=micro, expected=8, clip=clip)
+        private.grad_sample_mode = mode
+        grads[mode] = _dp_gradient(model, cfg, start, private)
+    assert float(grads["hooks"].norm()) < 0.9 * float(unclipped.norm())
+    torch.testing.assert_close(grads["ghost"], grads["hooks"], rtol=1e-3, atol=1e-6)
+    # and the model leaves as it came
+    assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
