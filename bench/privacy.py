@@ -115,7 +115,7 @@ def utility(cfg, s: dict, saved: Path) -> dict:
     for lr in s["lrs"]:
         once(f"DP eps 8, L {s['logical']}, lr {lr:g}", dp.replace(lr=lr), 8.0)
     best_lr = min(s["lrs"], key=lambda lr: results[f"DP eps 8, L {s['logical']}, lr {lr:g}"]["loss"])
-    for eps in (1.0, 3.0):
+    for eps in s["epsilons"]:
         once(f"DP eps {eps:g}, L {s['logical']}, lr {best_lr:g}", dp.replace(lr=best_lr), eps)
     for logical in s["trend"]:
         if logical != s["logical"]:
@@ -126,11 +126,13 @@ def utility(cfg, s: dict, saved: Path) -> dict:
 
 
 # --- cost per example and peak memory: one process per setting ---------------------------
-COSTS = {  # name -> (batch-size, grad-accum, dp)
-    "no DP, batch 8": (8, 1, False),
-    "DP, batch 8": (8, 1, True),
-    "DP, logical 64 = 8 x 8 micro-batches": (8, 8, True),
-    "DP, one physical batch of 64": (64, 1, True),
+COSTS = {  # name -> (batch-size, grad-accum, dp: "" (off), "hooks" or "ghost")
+    "no DP, batch 8": (8, 1, ""),
+    "DP hooks, batch 8": (8, 1, "hooks"),
+    "DP hooks, logical 32 = 4 x 8 micro-batches": (8, 4, "hooks"),
+    "DP hooks, one physical batch of 32": (32, 1, "hooks"),
+    "DP ghost, logical 32 = 4 x 8 micro-batches": (8, 4, "ghost"),
+    "DP ghost, one physical batch of 32": (32, 1, "ghost"),
 }
 
 
@@ -139,7 +141,7 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def measure_cost(batch: int, accum: int, private: bool) -> dict:
+def measure_cost(batch: int, accum: int, mode: str) -> dict:
     """Seconds per example over one logical step after a warm-up step, and the peak
     resident memory of both steps above the loaded model (Linux RSS, sampled every
     20 ms; the allocator keeps freed memory, so the warm-up's peak counts too)."""
@@ -162,7 +164,7 @@ def measure_cost(batch: int, accum: int, private: bool) -> dict:
     out, before, peak = {}, _rss(), [0]
     for phase in ("warm-up", "measured"):
         pt = PrivateTraining(dp, Accountant(), examples, tokenizer.pad_token_id,
-                             torch.Generator().manual_seed(7)) if private else None
+                             torch.Generator().manual_seed(7), mode) if mode else None
         batches = batches_forever(examples, batch, tokenizer.pad_token_id,
                                   torch.Generator().manual_seed(7))
         done = threading.Event()
@@ -184,8 +186,8 @@ def measure_cost(batch: int, accum: int, private: bool) -> dict:
 
 def costs() -> dict:
     results = {}
-    for name, (batch, accum, private) in COSTS.items():
-        child = subprocess.run([sys.executable, __file__, "--cost", f"{batch},{accum},{int(private)}"],
+    for name, (batch, accum, mode) in COSTS.items():
+        child = subprocess.run([sys.executable, __file__, "--cost", f"{batch},{accum},{mode}"],
                                capture_output=True, text=True, cwd=ROOT)
         if child.returncode:
             raise RuntimeError(child.stderr[-2000:])
@@ -296,15 +298,18 @@ def main() -> None:
     parser.add_argument("--lrs", help="comma separated learning rates of the sweep")
     parser.add_argument("--logical", type=int, help="the DP runs' logical batch")
     parser.add_argument("--trend", help="comma separated logical batches at epsilon 8")
+    parser.add_argument("--epsilons", default="1,3", help="epsilons below 8 at the best lr")
     parser.add_argument("--skip-costs", action="store_true")
+    parser.add_argument("--only-costs", action="store_true",
+                        help="measure the costs and reuse the saved utility runs")
     parser.add_argument("--cost", help=argparse.SUPPRESS)  # child: batch,accum,private
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     args = parser.parse_args()
     args.argv = sys.argv[1:]
     _setup()
     if args.cost:
-        batch, accum, private = (int(v) for v in args.cost.split(","))
-        print(json.dumps(measure_cost(batch, accum, bool(private))))
+        batch, accum, mode = args.cost.split(",")
+        print(json.dumps(measure_cost(int(batch), int(accum), mode)))
         return
     from common.config import RunConfig
 
@@ -315,13 +320,14 @@ def main() -> None:
         s["lrs"] = tuple(float(v) for v in args.lrs.split(","))
     if args.logical:
         s["logical"] = args.logical
+    s["epsilons"] = tuple(float(v) for v in args.epsilons.split(",") if v)
     if args.trend:
         s["trend"] = tuple(int(v) for v in args.trend.split(","))
     cfg = RunConfig(eval_examples=s["eval"], device="auto")
     saved = ROOT / "runs" / f"bench-privacy{'-long' if args.long else ''}.json"
     saved.parent.mkdir(exist_ok=True)
-    results = utility(cfg, s, saved)
     cost = {} if args.skip_costs else costs()
+    results = json.loads(saved.read_text()) if args.only_costs else utility(cfg, s, saved)
     args.out.mkdir(parents=True, exist_ok=True)
     write_report(results, cost, s, args, args.out)
     plot(results, args.out / "privacy.png")
