@@ -33,10 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 PARTITION = 1  # of 4: 1,999 examples, a delta of 1e-5 is far below 1/N
-SHORT = {"examples": 256, "logical": 64, "trend": (8, 16), "lrs": (1e-3, 3e-3),
-         "eval": 64, "batch": 8}
+SHORT = {"examples": 192, "logical": 64, "trend": (8, 16), "lrs": (1e-3, 3e-3),
+         "dp-lrs": (3e-3, 1e-2), "eval": 64, "batch": 8, "epsilons": (1.0, 3.0)}
 LONG = {"examples": 16384, "logical": 512, "trend": (8, 64, 1024), "lrs": (3e-4, 1e-3, 3e-3),
-        "eval": 256, "batch": 32}
+        "dp-lrs": (1e-3, 3e-3, 1e-2), "eval": 256, "batch": 32, "epsilons": (1.0, 3.0)}
 DP_LORA = {"lora_r": 4, "lora_target_modules": "q_proj,v_proj", "lora_dropout": 0.0,
            "lr_schedule": "constant", "dp_recipe": False}  # the recipe's LoRA, spelled out
 
@@ -87,7 +87,7 @@ def run_setting(cfg, epsilon: float, examples_budget: int, seed: int = 0) -> dic
         _BASE["base"] = evaluate(model, heldout, batch_size=cfg.eval_batch_size,
                                  pad_token_id=tokenizer.pad_token_id).loss
     base = _BASE["base"]
-    return {"loss": loss, "base": base, "steps": steps, "examples": stats.examples,
+    return {"loss": loss, "base": base, "steps": steps, "n": len(examples), "examples": stats.examples,
             "logical": logical, "lr": cfg.lr, "seconds": stats.seconds,
             "epsilon": private.accountant.epsilon(private.plan.delta) if private else 0.0,
             "noise": private.plan.noise_multiplier if private else 0.0,
@@ -112,9 +112,9 @@ def utility(cfg, s: dict, saved: Path) -> dict:
     for lr in s["lrs"]:
         once(f"no DP, lr {lr:g}", cfg.replace(lr=lr, batch_size=batch), 0.0)
     dp = cfg.replace(batch_size=batch, grad_accum=max(1, s["logical"] // batch), **DP_LORA)
-    for lr in s["lrs"]:
+    for lr in s["dp-lrs"]:
         once(f"DP eps 8, L {s['logical']}, lr {lr:g}", dp.replace(lr=lr), 8.0)
-    best_lr = min(s["lrs"], key=lambda lr: results[f"DP eps 8, L {s['logical']}, lr {lr:g}"]["loss"])
+    best_lr = min(s["dp-lrs"], key=lambda lr: results[f"DP eps 8, L {s['logical']}, lr {lr:g}"]["loss"])
     for eps in s["epsilons"]:
         once(f"DP eps {eps:g}, L {s['logical']}, lr {best_lr:g}", dp.replace(lr=best_lr), eps)
     for logical in s["trend"]:
@@ -184,14 +184,18 @@ def measure_cost(batch: int, accum: int, mode: str) -> dict:
     return out
 
 
-def costs() -> dict:
-    results = {}
+def costs(saved: Path) -> dict:
+    """Each setting in its own process; saved after each (a rerun skips them)."""
+    results = json.loads(saved.read_text()) if saved.exists() else {}
     for name, (batch, accum, mode) in COSTS.items():
+        if name in results:
+            continue
         child = subprocess.run([sys.executable, __file__, "--cost", f"{batch},{accum},{mode}"],
                                capture_output=True, text=True, cwd=ROOT)
         if child.returncode:
             raise RuntimeError(child.stderr[-2000:])
         results[name] = json.loads(child.stdout.strip().splitlines()[-1])
+        saved.write_text(json.dumps(results, indent=1))
         print(name, results[name], flush=True)
     return results
 
@@ -203,6 +207,17 @@ def kept(r: dict, best_plain: dict) -> float:
 
 
 def write_report(results: dict, cost: dict, s: dict, args, out: Path) -> None:
+    lines = _utility_lines(results, s, args) if results else [
+        "# Privacy: what large logical batches cost (the utility sweep: see docs/privacy.md)",
+        "", "Measured by `python bench/privacy.py " + " ".join(args.argv) + f"` on "
+        f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPU cores shared "
+        "with other jobs, one torch thread (absolute times drift; ratios are measured in the "
+        "same run). The utility sweep was not run in this measurement.", ""]
+    lines += _cost_lines(cost)
+    (out / "privacy-bench.md").write_text("\n".join(lines))
+
+
+def _utility_lines(results: dict, s: dict, args) -> list[str]:
     plain = {k: v for k, v in results.items() if k.startswith("no DP")}
     best_plain = min(plain.values(), key=lambda r: r["loss"])
     base = best_plain["base"]
@@ -215,13 +230,20 @@ def write_report(results: dict, cost: dict, s: dict, args, out: Path) -> None:
         "the same run).",
         "",
         f"Setting: SmolLM2-135M-Instruct, one client's partition of the built-in WordNet data "
-        f"(partition {PARTITION} of 4, {results[next(iter(results))].get('n', 1999):,} examples), "
+        f"(partition {PARTITION} of 4, {results[next(iter(results))]['n']:,} examples), "
         f"{s['examples']:,} examples processed per run (expected, under Poisson sampling), "
         f"held-out loss over {s['eval']} examples drawn before partitioning (base model "
         f"{base:.3f}). No DP: the default LoRA (r 8, all linear layers, dropout 0.05, cosine lr), "
         f"batch {s['batch']}. DP-SGD: the DP recipe's LoRA (r 4 on q_proj,v_proj, dropout 0, "
         "constant lr), clip 1, delta 1e-5, the noise computed by Opacus for the logical "
         "sampling rate to spend epsilon over the run's steps.",
+        "",
+        "Sweep: no DP at lr " + ", ".join(f"{v:g}" for v in s["lrs"]) + "; DP at epsilon 8 "
+        f"with a logical batch of {s['logical']} at lr " + ", ".join(f"{v:g}" for v in s["dp-lrs"])
+        + "; epsilon " + ", ".join(f"{v:g}" for v in s["epsilons"]) + " at the best DP lr; "
+        "the logical batch " + ", ".join(str(v) for v in s["trend"]) + " at epsilon 8 and the "
+        "best DP lr. Each row is one run (seed 0): differences of a few hundredths are "
+        "within run-to-run noise.",
         "",
         "| run | logical batch | steps | lr | noise multiplier | sampling rate | epsilon "
         "| held-out loss | kept improvement |",
@@ -241,6 +263,11 @@ def write_report(results: dict, cost: dict, s: dict, args, out: Path) -> None:
                            f"{'met' if value >= target else 'not met in this setting'})")
     lines += ["", "Best of each epsilon: " + "; ".join(verdict) + ".", "",
               "![kept improvement against epsilon](privacy.png)", ""]
+    return lines
+
+
+def _cost_lines(cost: dict) -> list[str]:
+    lines: list[str] = []
     if cost:
         ref = cost["no DP, batch 8"]
         lines += [
@@ -256,7 +283,7 @@ def write_report(results: dict, cost: dict, s: dict, args, out: Path) -> None:
                          f"{c['seconds-per-example'] / ref['seconds-per-example']:.2f}x | "
                          f"{c['peak-mib']:.0f} |")
         lines.append("")
-    (out / "privacy-bench.md").write_text("\n".join(lines))
+    return lines
 
 
 def _curve(results: dict, best_plain: dict) -> dict[float, float]:
@@ -295,10 +322,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--long", action="store_true", help="the GPU setting (settles the targets)")
     parser.add_argument("--examples", type=int, help="examples processed per run")
-    parser.add_argument("--lrs", help="comma separated learning rates of the sweep")
+    parser.add_argument("--lrs", help="comma separated learning rates of the no-DP sweep")
+    parser.add_argument("--dp-lrs", help="comma separated learning rates of the DP sweep")
     parser.add_argument("--logical", type=int, help="the DP runs' logical batch")
     parser.add_argument("--trend", help="comma separated logical batches at epsilon 8")
-    parser.add_argument("--epsilons", default="1,3", help="epsilons below 8 at the best lr")
+    parser.add_argument("--epsilons", help="comma separated epsilons below 8 (default 1,3)")
     parser.add_argument("--skip-costs", action="store_true")
     parser.add_argument("--only-costs", action="store_true",
                         help="measure the costs and reuse the saved utility runs")
@@ -320,18 +348,25 @@ def main() -> None:
         s["lrs"] = tuple(float(v) for v in args.lrs.split(","))
     if args.logical:
         s["logical"] = args.logical
-    s["epsilons"] = tuple(float(v) for v in args.epsilons.split(",") if v)
+    if args.epsilons is not None:
+        s["epsilons"] = tuple(float(v) for v in args.epsilons.split(",") if v)
+    if args.dp_lrs:
+        s["dp-lrs"] = tuple(float(v) for v in args.dp_lrs.split(","))
     if args.trend:
         s["trend"] = tuple(int(v) for v in args.trend.split(","))
     cfg = RunConfig(eval_examples=s["eval"], device="auto")
     saved = ROOT / "runs" / f"bench-privacy{'-long' if args.long else ''}.json"
     saved.parent.mkdir(exist_ok=True)
-    cost = {} if args.skip_costs else costs()
-    results = json.loads(saved.read_text()) if args.only_costs else utility(cfg, s, saved)
+    cost = {} if args.skip_costs else costs(saved.with_name(saved.stem + "-costs.json"))
+    if args.only_costs:
+        results = json.loads(saved.read_text()) if saved.exists() else {}
+    else:
+        results = utility(cfg, s, saved)
     args.out.mkdir(parents=True, exist_ok=True)
     write_report(results, cost, s, args, args.out)
-    plot(results, args.out / "privacy.png")
-    print(f"wrote {args.out / 'privacy-bench.md'} and {args.out / 'privacy.png'}")
+    if results:
+        plot(results, args.out / "privacy.png")
+    print(f"wrote {args.out / 'privacy-bench.md'}")
 
 
 if __name__ == "__main__":

@@ -403,3 +403,4 @@ def test_dp_simulation_records_epsilon_per_round(tiny_model_dir, tmp_path):
     assert 0 < client_eps[0] < client_eps[1]
     assert all(row["aggregated"] == 1 for row in history[1:])
     assert "epsilon" in result.stdout
+    assert "DP-SGD plan, client 0" in result.stdout  # printed before training
