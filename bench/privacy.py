@@ -142,9 +142,9 @@ def _rss() -> int:
 
 
 def measure_cost(batch: int, accum: int, mode: str) -> dict:
-    """Seconds per example over one logical step after a warm-up step, and the peak
-    resident memory of both steps above the loaded model (Linux RSS, sampled every
-    20 ms; the allocator keeps freed memory, so the warm-up's peak counts too)."""
+    """Seconds per example and peak resident memory of one logical step (Linux RSS,
+    sampled every 20 ms) above the memory after a one-example warm-up step, which
+    pages the weights in; ``mode``: "" (no DP), "hooks" or "ghost"."""
     import torch
 
     from common.config import RunConfig
@@ -159,29 +159,32 @@ def measure_cost(batch: int, accum: int, mode: str) -> dict:
     examples = partition_examples(cfg, PARTITION, 4, tokenizer)
     model = get_model(cfg)
     logical = batch * accum
-    dp = DPPlan(noise_multiplier=1.0, sample_rate=logical / len(examples), expected_batch_size=logical,
-                max_grad_norm=1.0, delta=1e-5, budget=0.0, planned_steps=2, micro_batches=accum)
-    out, before, peak = {}, _rss(), [0]
-    for phase in ("warm-up", "measured"):
-        pt = PrivateTraining(dp, Accountant(), examples, tokenizer.pad_token_id,
-                             torch.Generator().manual_seed(7), mode) if mode else None
-        batches = batches_forever(examples, batch, tokenizer.pad_token_id,
-                                  torch.Generator().manual_seed(7))
-        done = threading.Event()
 
-        def sample():
-            while not done.is_set():
-                peak[0] = max(peak[0], _rss())
-                time.sleep(0.02)
-        watcher = threading.Thread(target=sample, daemon=True)
-        watcher.start()
-        stats = train_steps(model, batches, build_objective(model, cfg), cfg, num_steps=1,
-                            private=pt)
-        done.set()
-        watcher.join()
-        out = {"seconds-per-example": stats.seconds / max(1, stats.examples),
-               "examples": stats.examples, "peak-mib": (max(peak[0], _rss()) - before) / 2**20}
-    return out
+    def step(c, n):
+        dp = DPPlan(noise_multiplier=1.0, sample_rate=n / len(examples), expected_batch_size=n,
+                    max_grad_norm=1.0, delta=1e-5, budget=0.0, planned_steps=2,
+                    micro_batches=c.grad_accum)
+        private = PrivateTraining(dp, Accountant(), examples, tokenizer.pad_token_id,
+                                  torch.Generator().manual_seed(7), mode) if mode else None
+        batches = batches_forever(examples, c.batch_size, tokenizer.pad_token_id,
+                                  torch.Generator().manual_seed(7))
+        return train_steps(model, batches, build_objective(model, c), c, num_steps=1,
+                           private=private)
+
+    step(cfg.replace(batch_size=1, grad_accum=1), 1)  # warm-up: weights paged in
+    before, peak, done = _rss(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.02)
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    stats = step(cfg, logical)
+    done.set()
+    watcher.join()
+    return {"seconds-per-example": stats.seconds / max(1, stats.examples),
+            "examples": stats.examples, "peak-mib": (max(peak[0], _rss()) - before) / 2**20}
 
 
 def costs(saved: Path) -> dict:
@@ -272,9 +275,10 @@ def _cost_lines(cost: dict) -> list[str]:
         ref = cost["no DP, batch 8"]
         lines += [
             "## Cost per example and peak memory", "",
-            "One optimizer step after a warm-up, each setting in its own process; peak = the "
-            "resident memory above the loaded model during the two steps (Linux RSS sampled "
-            "every 20 ms).", "",
+            "One logical step, each setting in its own process, after a one-example warm-up "
+            "step that pages the weights in; peak = the resident memory above that during "
+            "the step (Linux RSS sampled every 20 ms). One step each on a loaded machine: "
+            "the times are rough, the memory is not.", "",
             "| setting | examples in the step | s / example | vs no DP, batch 8 | peak memory (MiB) |",
             "|---|---|---|---|---|",
         ]

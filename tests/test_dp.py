@@ -213,6 +213,7 @@ def test_client_accountant_survives_rounds_and_budget_is_enforced(tiny_cfg, flow
 
     # a budget that fits two rounds of 2 steps at this noise, not three
     base = tiny_cfg.replace(dp_sgd=True, local_steps=2, num_server_rounds=3, batch_size=4,
+                            grad_accum=2,
                             dp_noise_multiplier=1.0, dp_target_epsilon=1.0, dp_delta=1e-3)
     examples = len(partition_examples(base, 0, 2, tokenizer))
     q = min(1.0, base.batch_size * base.grad_accum / examples)  # the logical rate
@@ -352,7 +353,7 @@ def test_centralized_training_with_dp_sgd_records_epsilon(tiny_model_dir, tiny_d
                      "--categories", "", "--num-clients", "2", "--num-server-rounds", "2",
                      "--local-steps", "2", "--batch-size", "4", "--eval-examples", "8",
                      "--max-length", "64", "--lora-r", "4", "--dp-sgd", "true",
-                     "--dp-target-epsilon", "3", "--dp-delta", "1e-3",
+                     "--dp-target-epsilon", "3", "--dp-delta", "1e-3", "--grad-accum", "2",
                      "--run-dir", str(run_dir), timeout=300)
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     assert "DP-SGD plan, pooled data" in result.stdout  # printed before training
@@ -391,7 +392,7 @@ def test_dp_simulation_records_epsilon_per_round(tiny_model_dir, tmp_path):
         "--categories", "", "--partitioner", "iid", "--num-clients", "2",
         "--num-server-rounds", "2", "--local-steps", "2", "--batch-size", "4",
         "--eval-examples", "8", "--max-length", "64", "--lora-r", "4",
-        "--dp-sgd", "true", "--dp-target-epsilon", "4", "--ffa-lora", "true",
+        "--dp-sgd", "true", "--dp-target-epsilon", "4", "--ffa-lora", "true", "--grad-accum", "2",
         "--client-dp", "server-fixed", "--client-dp-noise-multiplier", "0.5",
         "--run-dir", str(run_dir))
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
