@@ -590,12 +590,9 @@ def dp_recipe_changes(cfg: "RunConfig") -> dict[str, Any]:
     """The DP recipe's values for the settings ``cfg`` leaves at their generic defaults,
     when 'dp-sgd' and 'dp-recipe' are on (else nothing); keyed by attribute name.
 
-    Sources: large logical batches, a constant lr, few trainable values (Li et al.,
-    2022, "Large language models can be strong differentially private learners"; De
-    et al., 2022); LoRA rank 4, no dropout, a constant lr, clip 1 (microsoft/
-    dp-transformers' GPT-2 LoRA recipe at epsilon 8); the attention projections only
-    (Yu et al., 2022, "Differentially private fine-tuning of language models", LoRA on
-    q and v). Applying it twice changes nothing: a recipe value is never a default.
+    Sources (docs/privacy.md): large logical batches and a constant lr (Li et al.,
+    2022); LoRA r 4, no dropout (microsoft/dp-transformers' GPT-2 LoRA at epsilon 8);
+    LoRA on q and v only (Yu et al., 2022). Idempotent: no recipe value is a default.
     """
     if not (cfg.dp_sgd and cfg.dp_recipe):
         return {}

@@ -15,9 +15,11 @@ memory is that of one micro-batch. ``BatchMemoryManager`` itself wraps a DataLoa
 and needs ``optimizer.step()`` after every physical batch, a variable number of them
 per logical batch; our loop takes a fixed ``grad-accum`` micro-batches per step, so
 the logical batch is split into that many near-equal parts instead (the split
-``BatchSplittingSampler`` makes, by count rather than by maximum size). The accountant's history is explicit state: a client keeps
-it in its Flower ``context.state`` so epsilon composes over the whole run instead of
-restarting every round (the mistake of a new PrivacyEngine per round).
+``BatchSplittingSampler`` makes, by count rather than by maximum size).
+
+The accountant's history is explicit state: a client keeps it in its Flower
+``context.state`` so epsilon composes over the whole run instead of restarting every
+round (the mistake of a new PrivacyEngine per round).
 
 Why not ``PrivacyEngine.make_private``: it wraps a ``DataLoader`` whose empty Poisson
 batches come out as a list of zero tensors, which a Hugging Face model cannot take,
@@ -98,7 +100,7 @@ def noise_for_budget(epsilon: float, delta: float, sample_rate: float, steps: in
         ) from None
 
 
-def describe_plan(cfg: RunConfig, dp: DPPlan, *, num_examples: int, who: str) -> str:
+def describe_plan(dp: DPPlan, *, num_examples: int, who: str) -> str:
     """One line of the plan, printed before training: the logical batch, sampling rate,
     steps, noise and the epsilon the planned steps spend (Opacus' RDP accountant)."""
     micro = dp.expected_batch_size / dp.micro_batches

@@ -71,7 +71,7 @@ def run_centralized(cfg: RunConfig, *, partition_id: int | None = None) -> RunFo
         from common.dp import describe_plan, describe_settings
 
         print(f"fedtune: {describe_settings(cfg)}", flush=True)
-        print("fedtune: " + describe_plan(cfg, private.plan, num_examples=len(examples),
+        print("fedtune: " + describe_plan(private.plan, num_examples=len(examples),
                                           who="pooled data"), flush=True)
     wire = _NoWire()
     hook = RoundHook(cfg, run, model, tokenizer, heldout_examples(cfg, cfg.num_clients, tokenizer), wire)

@@ -205,7 +205,7 @@ def check_privacy_plan(cfg: RunConfig, data, *, show: bool = True) -> None:
             dp = plan(cfg, num_examples=rows, planned_steps=cfg.num_server_rounds * cfg.local_steps)
             if show:
                 who = f"client {partition_id}"
-                print(f"fedtune: {describe_plan(cfg, dp, num_examples=rows, who=who)}", flush=True)
+                print(f"fedtune: {describe_plan(dp, num_examples=rows, who=who)}", flush=True)
     if cfg.client_dp != "off":
         from server.strategies import build_strategy
 

@@ -123,7 +123,7 @@ def test_plan_uses_the_logical_sampling_rate(tiny_cfg):
     assert (dp.sample_rate, dp.expected_batch_size, dp.micro_batches) == (0.128, 256, 32)
     assert dp.noise_multiplier == get_noise_multiplier(
         target_epsilon=8.0, target_delta=1e-5, sample_rate=0.128, steps=18, accountant="rdp")
-    line = describe_plan(cfg, dp, num_examples=2000, who="client 0")
+    line = describe_plan(dp, num_examples=2000, who="client 0")
     assert "logical batch 256" in line and "sampling rate 0.128" in line and "18 steps" in line
     assert f"noise multiplier {dp.noise_multiplier:.3g}" in line and "budget 8" in line
 
