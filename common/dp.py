@@ -114,7 +114,7 @@ def describe_plan(dp: DPPlan, *, num_examples: int, who: str) -> str:
 
 def describe_settings(cfg: RunConfig) -> str:
     """The settings DP-SGD's utility hangs on, and whether the recipe chose them."""
-    return (f"DP-SGD settings{' (dp-recipe on: defaults replaced)' if cfg.dp_recipe else ''}: "
+    return (f"DP-SGD settings{' (dp-recipe on)' if cfg.dp_recipe else ''}: "
             f"lora-r {cfg.lora_r} on {cfg.lora_target_modules}"
             f"{', FFA-LoRA' if cfg.ffa_lora else ''}, lora-dropout {cfg.lora_dropout:g}, "
             f"lr {cfg.lr:g} {cfg.lr_schedule}, batch-size {cfg.batch_size} x grad-accum "
