@@ -263,8 +263,16 @@ def _utility_lines(results: dict, s: dict, args) -> list[str]:
         if eps in by_eps:
             value = by_eps[eps]
             verdict.append(f"epsilon {eps:g}: {value:.0%} kept (target {target:.0%}: "
-                           f"{'met' if value >= target else 'not met in this setting'})")
+                           f"{'reached' if value >= target else 'not reached'} in this setting)")
     lines += ["", "Best of each epsilon: " + "; ".join(verdict) + ".", "",
+              "What this does and does not show: each run processes "
+              f"{s['examples']:,} examples, so DP-SGD takes only "
+              f"{max(1, s['examples'] // s['logical'])} steps at a logical batch of "
+              f"{s['logical']}; both sides are early in training, where the no-DP run's "
+              "improvement is also far from its end. The private and the non-private runs "
+              "use different LoRA settings (each its own default: the recipe's under DP), "
+              "and each row is one seed. Whether the shares hold over a full run is what "
+              "`python bench/privacy.py --long` settles.", "",
               "![kept improvement against epsilon](privacy.png)", ""]
     return lines
 
