@@ -308,7 +308,7 @@ class RunConfig:
     )
     dp_recipe: bool = _opt(
         "DP-SGD: give the settings left at their generic defaults the DP recipe's values "
-        "(docs/privacy.md): grad-accum for a logical batch of about 256, lr-schedule "
+        "(docs/privacy.md): grad-accum for a logical batch of about 256, lr 0.003 "
         "constant, lora-r 4, lora-dropout 0, and for the built-in causal LM "
         "lora-target-modules q_proj,v_proj (true/false).",
         default=True,
@@ -592,7 +592,8 @@ def dp_recipe_changes(cfg: "RunConfig") -> dict[str, Any]:
 
     Sources (docs/privacy.md): large logical batches and a constant lr (Li et al.,
     2022); LoRA r 4, no dropout (microsoft/dp-transformers' GPT-2 LoRA at epsilon 8);
-    LoRA on q and v only (Yu et al., 2022). Idempotent: no recipe value is a default.
+    LoRA on q and v only (Yu et al., 2022); lr from bench/privacy.py's sweep.
+    Idempotent: no recipe value is a default.
     """
     if not (cfg.dp_sgd and cfg.dp_recipe):
         return {}
@@ -600,6 +601,7 @@ def dp_recipe_changes(cfg: "RunConfig") -> dict[str, Any]:
     recipe = {
         "grad_accum": max(1, round(DP_RECIPE_LOGICAL_BATCH / cfg.batch_size)),
         "lr_schedule": "constant",
+        "lr": 3e-3,
         "lora_dropout": 0.0,
     }
     if not cfg.client_lora_ranks:  # heterogeneous ranks are checked against lora-r

@@ -130,8 +130,8 @@ def test_plan_uses_the_logical_sampling_rate(tiny_cfg):
 
 def test_dp_recipe_fills_only_the_settings_left_at_their_defaults():
     recipe = RunConfig.from_mapping({"dp-sgd": "true"})
-    assert (recipe.grad_accum, recipe.lr_schedule, recipe.lora_r, recipe.lora_dropout,
-            recipe.lora_target_modules) == (32, "constant", 4, 0.0, "q_proj,v_proj")
+    assert (recipe.grad_accum, recipe.lr_schedule, recipe.lr, recipe.lora_r, recipe.lora_dropout,
+            recipe.lora_target_modules) == (32, "constant", 3e-3, 4, 0.0, "q_proj,v_proj")
     assert recipe.replace(lr=2e-3).grad_accum == 32  # applying it again changes nothing
     own = RunConfig.from_mapping({"dp-sgd": "true", "grad-accum": "4", "lora-r": "16",
                                   "lr-schedule": "linear"})
