@@ -286,7 +286,9 @@ def _cost_lines(cost: dict) -> list[str]:
             "One logical step, each setting in its own process, after a one-example warm-up "
             "step that pages the weights in; peak = the resident memory above that during "
             "the step (Linux RSS sampled every 20 ms). One step each on a loaded machine: "
-            "the times are rough, the memory is not.", "",
+            "the times are rough, the memory is not. Every DP setting draws the same Poisson "
+            "batch (seed 7). Saved per setting in runs/bench-privacy-costs.json, which a "
+            "rerun reuses.", "",
             "| setting | examples in the step | s / example | vs no DP, batch 8 | peak memory (MiB) |",
             "|---|---|---|---|---|",
         ]
