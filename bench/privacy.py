@@ -13,7 +13,7 @@ The sweep is small and documented in the report: no DP over its learning rates w
 the default LoRA; DP over its learning rates at epsilon 8 with the DP recipe's LoRA,
 then epsilon 1 and 3 at the best one; then the logical batch size at epsilon 8.
 
-    python bench/privacy.py                  # short CPU setting (~40 min on 2 busy cores)
+    python bench/privacy.py                  # short CPU setting (~75 min on 2 busy cores)
     python bench/privacy.py --long --out docs   # the setting that settles the targets (GPU)
 """
 
@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 PARTITION = 1  # of 4: 1,999 examples, a delta of 1e-5 is far below 1/N
-SHORT = {"examples": 192, "logical": 64, "trend": (8, 16), "lrs": (1e-3, 3e-3),
-         "dp-lrs": (3e-3, 1e-2), "eval": 64, "batch": 8, "epsilons": (1.0, 3.0)}
+SHORT = {"examples": 192, "logical": 32, "trend": (8, 64), "lrs": (1e-3, 3e-3, 1e-2),
+         "dp-lrs": (1e-3, 3e-3, 1e-2), "eval": 64, "batch": 8, "epsilons": (1.0, 3.0)}
 LONG = {"examples": 16384, "logical": 512, "trend": (8, 64, 1024), "lrs": (3e-4, 1e-3, 3e-3),
         "dp-lrs": (1e-3, 3e-3, 1e-2), "eval": 256, "batch": 32, "epsilons": (1.0, 3.0)}
 DP_LORA = {"lora_r": 4, "lora_target_modules": "q_proj,v_proj", "lora_dropout": 0.0,
