@@ -51,7 +51,7 @@ ON_BAD_RECORDS = ("error", "skip")
 # Client-level DP (server/privacy.py): Flower's strategy wrappers and mods.
 CLIENT_DP_MODES = ("off", "server-fixed", "client-fixed", "server-adaptive",
                    "client-adaptive", "local")
-DP_GRAD_SAMPLE_MODES = ("hooks", "functorch")
+DP_GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
 DP_EPSILON_KEY = "dp-epsilon"  # in train replies: the client's sample-level epsilon so far
 UNIT_WEIGHT_KEY = "unit-weight"  # in train replies: 1, for unweighted averaging under DP
 LORA_AGGREGATIONS = ("naive", "exact", "svd")  # common/lora_aggregation.py
@@ -188,7 +188,12 @@ class RunConfig:
     warmup_steps: int = _opt("Linear warmup steps at the start of the run.", default=0)
     weight_decay: float = _opt("AdamW weight decay.", default=0.0)
     batch_size: int = _opt("Examples per micro-batch.", default=8)
-    grad_accum: int = _opt("Micro-batches per optimizer step.", default=1)
+    grad_accum: int = _opt(
+        "Micro-batches per optimizer step. Under dp-sgd: the logical (Poisson) batch of "
+        "batch-size x grad-accum expected examples is split into this many micro-batches, "
+        "with one noise draw and one step per logical batch.",
+        default=1,
+    )
     group_by_length: bool = _opt(
         "Batch examples of similar length (shuffled groups of 50 batches, sorted by "
         "length): less padding, same examples per epoch (true/false).",
@@ -377,8 +382,17 @@ class RunConfig:
     dp_max_grad_norm: float = _opt("DP-SGD: per-example gradient clipping norm.", default=1.0)
     dp_grad_sample_mode: str = _opt(
         f"DP-SGD: how Opacus computes per-example gradients, one of {DP_GRAD_SAMPLE_MODES}: "
-        "module hooks, or torch.func for layers without a hook.",
+        "module hooks, torch.func for layers without a hook, or ghost clipping (per-example "
+        "gradient norms without the per-example gradients; causal LM and classification "
+        "losses only).",
         default="hooks",
+    )
+    dp_recipe: bool = _opt(
+        "DP-SGD: give the settings left at their generic defaults the DP recipe's values "
+        "(docs/privacy.md): grad-accum for a logical batch of about 256, lr 0.003 "
+        "constant, lora-r 4, lora-dropout 0, and for the built-in causal LM "
+        "lora-target-modules q_proj,v_proj (true/false).",
+        default=True,
     )
     ffa_lora: bool = _opt(
         "FFA-LoRA: freeze the LoRA A matrices at their shared seeded init, train and send "
@@ -422,6 +436,8 @@ class RunConfig:
     )
 
     def __post_init__(self) -> None:
+        for attr, value in dp_recipe_changes(self).items():
+            object.__setattr__(self, attr, value)  # frozen: resolved once, here
         _check_choice("task", self.task, TASKS)
         if self.device not in ("auto", "cpu", "cuda") and not (
                 self.device.startswith("cuda:") and self.device[5:].isdigit()):
@@ -589,13 +605,13 @@ class RunConfig:
         if self.dp_sgd and not (self.dp_target_epsilon or self.dp_noise_multiplier):
             raise ValueError("config 'dp-sgd' is on with 'dp-target-epsilon' 0 and "
                              "'dp-noise-multiplier' 0: set a budget or a noise multiplier")
-        if self.dp_sgd and self.grad_accum != 1:
-            raise ValueError("config 'grad-accum' must be 1 with 'dp-sgd' (Poisson batches "
-                             "have no fixed size to split): raise 'batch-size' instead")
         if private and self.resume_from:
             raise ValueError("config 'resume-from' cannot continue a differentially private "
                              "run: the clients' accountants live in their Flower contexts, "
                              "which a new run does not have; start a new run")
+        if self.dp_sgd and self.dp_grad_sample_mode == "ghost" and self.distill_teacher:
+            raise ValueError("config 'dp-grad-sample-mode' ghost needs a loss per example "
+                             "and distillation has none here: use hooks, or no distill-teacher")
         if self.client_dp != "off" and self.transport_dtype != "float32":
             raise ValueError("config 'client-dp' needs 'transport-dtype' float32: the clipping "
                              "and the noise apply to the arrays on the wire")
@@ -704,6 +720,35 @@ class RunConfig:
     def total_local_steps(self) -> int:
         """Schedule length in one client's optimizer steps: by default the whole run."""
         return self.lr_schedule_steps or self.num_server_rounds * self.local_steps
+
+
+DP_RECIPE_LOGICAL_BATCH = 256
+
+
+def dp_recipe_changes(cfg: "RunConfig") -> dict[str, Any]:
+    """The DP recipe's values for the settings ``cfg`` leaves at their generic defaults,
+    when 'dp-sgd' and 'dp-recipe' are on (else nothing); keyed by attribute name.
+
+    Sources (docs/privacy.md): large logical batches and a constant lr (Li et al.,
+    2022); LoRA r 4, no dropout (microsoft/dp-transformers' GPT-2 LoRA at epsilon 8);
+    LoRA on q and v only (Yu et al., 2022); lr from bench/privacy.py's sweep.
+    Idempotent: no recipe value is a default.
+    """
+    if not (cfg.dp_sgd and cfg.dp_recipe):
+        return {}
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    recipe = {
+        "grad_accum": max(1, round(DP_RECIPE_LOGICAL_BATCH / cfg.batch_size)),
+        "lr_schedule": "constant",
+        "lr": 3e-3,
+        "lora_dropout": 0.0,
+    }
+    if not cfg.client_lora_ranks:  # heterogeneous ranks are checked against lora-r
+        recipe["lora_r"] = 4
+    if cfg.model == BUILTIN_MODEL and cfg.task == "causal-lm":
+        recipe["lora_target_modules"] = "q_proj,v_proj"
+    return {attr: value for attr, value in recipe.items()
+            if getattr(cfg, attr) == defaults[attr] and value != defaults[attr]}
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

@@ -3,9 +3,23 @@
 The loop in ``common/train.py`` does not change under DP: :func:`private_training`
 hands it a DP optimizer, an objective and Poisson-sampled batches in place of the
 plain ones, and removes Opacus' hooks afterwards (the model is cached per process, so
-it must leave as it came). The accountant's history is explicit state: a client keeps
-it in its Flower ``context.state`` so epsilon composes over the whole run instead of
-restarting every round (the mistake of a new PrivacyEngine per round).
+it must leave as it came).
+
+Large logical batches: one optimizer step takes an expected ``batch-size x grad-accum``
+examples, drawn by Poisson sampling at that (logical) rate, split into ``grad-accum``
+physical micro-batches; one noise draw and one step per logical batch, and the
+accountant records the logical rate. Between micro-batches the per-example gradients
+are clipped into a running sum and freed, with Opacus' own virtual step
+(``DPOptimizer.signal_skip_step``, the mechanism of its ``BatchMemoryManager``), so
+memory is that of one micro-batch. ``BatchMemoryManager`` itself wraps a DataLoader
+and needs ``optimizer.step()`` after every physical batch, a variable number of them
+per logical batch; our loop takes a fixed ``grad-accum`` micro-batches per step, so
+the logical batch is split into that many near-equal parts instead (the split
+``BatchSplittingSampler`` makes, by count rather than by maximum size).
+
+The accountant's history is explicit state: a client keeps it in its Flower
+``context.state`` so epsilon composes over the whole run instead of restarting every
+round (the mistake of a new PrivacyEngine per round).
 
 Why not ``PrivacyEngine.make_private``: it wraps a ``DataLoader`` whose empty Poisson
 batches come out as a list of zero tensors, which a Hugging Face model cannot take,
@@ -40,11 +54,17 @@ class DPPlan:
     delta: float
     budget: float  # the epsilon a client may not exceed (0: no budget)
     planned_steps: int
+    micro_batches: int = 1  # physical micro-batches per logical (Poisson) batch: grad-accum
 
 
 def plan(cfg: RunConfig, *, num_examples: int, planned_steps: int) -> DPPlan:
     """The noise for the planned steps of the whole run, or a one-line error naming
-    the setting that cannot work."""
+    the setting that cannot work.
+
+    The logical batch is ``batch-size x grad-accum`` expected examples: the sampling
+    rate is that over ``num_examples`` (capped at 1), and the noise is calibrated to
+    that rate over ``planned_steps`` logical steps (Opacus' ``get_noise_multiplier``).
+    """
     if num_examples < 1:
         raise ValueError("DP-SGD needs at least one training example on every client")
     if cfg.dp_delta >= 1.0 / num_examples:
@@ -53,7 +73,7 @@ def plan(cfg: RunConfig, *, num_examples: int, planned_steps: int) -> DPPlan:
             f"client's examples): a delta that large allows leaking one record outright; "
             f"set --dp-delta below {1.0 / num_examples:.2g}"
         )
-    sample_rate = min(1.0, cfg.batch_size / num_examples)
+    sample_rate = min(1.0, cfg.batch_size * cfg.grad_accum / num_examples)
     noise = cfg.dp_noise_multiplier
     if noise == 0.0:
         noise = noise_for_budget(cfg.dp_target_epsilon, cfg.dp_delta, sample_rate,
@@ -61,7 +81,8 @@ def plan(cfg: RunConfig, *, num_examples: int, planned_steps: int) -> DPPlan:
     return DPPlan(noise_multiplier=noise, sample_rate=sample_rate,
                   expected_batch_size=max(1, round(sample_rate * num_examples)),
                   max_grad_norm=cfg.dp_max_grad_norm, delta=cfg.dp_delta,
-                  budget=cfg.dp_target_epsilon, planned_steps=planned_steps)
+                  budget=cfg.dp_target_epsilon, planned_steps=planned_steps,
+                  micro_batches=cfg.grad_accum)
 
 
 def noise_for_budget(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
@@ -77,6 +98,28 @@ def noise_for_budget(epsilon: float, delta: float, sample_rate: float, steps: in
             f"steps at sampling rate {sample_rate:.3g} (delta {delta:g}): raise it, or take "
             "fewer steps (num-server-rounds x local-steps) or smaller batches"
         ) from None
+
+
+def describe_plan(dp: DPPlan, *, num_examples: int, who: str) -> str:
+    """One line of the plan, printed before training: the logical batch, sampling rate,
+    steps, noise and the epsilon the planned steps spend (Opacus' RDP accountant)."""
+    micro = dp.expected_batch_size / dp.micro_batches
+    return (f"DP-SGD plan, {who}: {num_examples:,} examples, logical batch "
+            f"{dp.expected_batch_size} expected (sampling rate {dp.sample_rate:.4g}) in "
+            f"{dp.micro_batches} micro-batches of ~{micro:.0f}, {dp.planned_steps} steps, "
+            f"noise multiplier {dp.noise_multiplier:.3g}, clip {dp.max_grad_norm:g}: epsilon "
+            f"{Accountant().epsilon_after(dp, dp.planned_steps):.2f} at delta {dp.delta:g} "
+            f"after the last planned step" + (f" (budget {dp.budget:g})" if dp.budget else ""))
+
+
+def describe_settings(cfg: RunConfig) -> str:
+    """The settings DP-SGD's utility hangs on, and whether the recipe chose them."""
+    return (f"DP-SGD settings{' (dp-recipe on)' if cfg.dp_recipe else ''}: "
+            f"lora-r {cfg.lora_r} on {cfg.lora_target_modules}"
+            f"{', FFA-LoRA' if cfg.ffa_lora else ''}, lora-dropout {cfg.lora_dropout:g}, "
+            f"lr {cfg.lr:g} {cfg.lr_schedule}, batch-size {cfg.batch_size} x grad-accum "
+            f"{cfg.grad_accum}, clip {cfg.dp_max_grad_norm:g}, grad-sample-mode "
+            f"{cfg.dp_grad_sample_mode}")
 
 
 # --- the accountant, as state that travels ---------------------------------------------
@@ -142,10 +185,19 @@ class _PenaltyAfterNoiseOptimizer:
     """
 
     penalty: Callable[[], torch.Tensor] | None = None
+    # The loop weights no micro-batch's loss (common/train.py): Opacus recovers each
+    # example's gradient from the micro-batch mean and divides the clipped sum by the
+    # expected logical batch itself.
+    per_example_clipping = True
+    micro_pending = False  # a micro-batch's per-example gradients await clipping
 
     def step(self, closure=None):
-        for p in self.params:
-            if getattr(p, "grad_sample", None) is None:  # empty batch: no forward ran
+        self.micro_pending = False  # this step (virtual or real) clips them
+        ghost = hasattr(self, "accumulate")  # Opacus' fast-gradient-clipping optimizer
+        for p in self.params:  # empty batch: no forward ran, nothing to clip
+            if ghost and p.grad is None:
+                p.grad = torch.zeros_like(p)
+            elif not ghost and getattr(p, "grad_sample", None) is None:
                 p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
         if not self.pre_step():
             return None
@@ -158,30 +210,47 @@ class _PenaltyAfterNoiseOptimizer:
         return self.original_optimizer.step()
 
 
-def _dp_optimizer(optimizer, dp: DPPlan, generator: torch.Generator | None):
-    from opacus.optimizers import DPOptimizer
+def _dp_optimizer(optimizer, dp: DPPlan, generator: torch.Generator | None, *,
+                  ghost: bool = False):
+    from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 
-    cls = type("PenaltyAfterNoiseDPOptimizer", (_PenaltyAfterNoiseOptimizer, DPOptimizer), {})
+    base = DPOptimizerFastGradientClipping if ghost else DPOptimizer
+    cls = type("PenaltyAfterNoiseDPOptimizer", (_PenaltyAfterNoiseOptimizer, base), {})
     return cls(optimizer, noise_multiplier=dp.noise_multiplier,
                max_grad_norm=dp.max_grad_norm, expected_batch_size=dp.expected_batch_size,
                loss_reduction="mean", generator=generator)
 
 
 def poisson_batches(examples: list[dict], sample_rate: float, pad_token_id: int,
-                    generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
-    """Each example joins each batch independently with probability ``sample_rate``
-    (Opacus' sampler), which DP-SGD's accounting assumes. Empty batches come out as
-    zero-row tensors: the objective skips the forward, the optimizer still steps."""
+                    generator: torch.Generator, *,
+                    micro_batches: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+    """Each example joins each logical batch independently with probability
+    ``sample_rate`` (Opacus' sampler), which DP-SGD's accounting assumes; each logical
+    batch comes out as ``micro_batches`` physical ones, in a row.
+
+    The split is Opacus' ``BatchSplittingSampler``'s (``numpy.array_split``, parts
+    differing by at most one example), after sorting the draw by length so that each
+    part pads less: a reordering within one logical batch, which changes neither the
+    clipped sum nor the privacy. Empty parts (a draw smaller than ``micro_batches``)
+    come out as zero-row tensors: the objective skips the forward, the optimizer
+    still steps at the end of the logical batch, with noise only if all were empty.
+    """
+    import numpy as np
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
+    if micro_batches < 1:
+        raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
     sampler = UniformWithReplacementSampler(num_samples=len(examples),
                                             sample_rate=sample_rate, generator=generator)
+    classification = "label" in examples[0]
     while True:
         for indices in sampler:
-            if len(indices):
-                yield collate([examples[i] for i in indices], pad_token_id)
-            else:
-                yield empty_batch(classification="label" in examples[0])
+            ordered = sorted(list(indices), key=lambda i: len(examples[i]["input_ids"]))
+            for part in np.array_split(np.array(ordered, dtype=np.int64), micro_batches):
+                if len(part):
+                    yield collate([examples[i] for i in part.tolist()], pad_token_id)
+                else:
+                    yield empty_batch(classification=classification)
 
 
 def empty_batch(*, classification: bool) -> dict[str, torch.Tensor]:
@@ -191,12 +260,35 @@ def empty_batch(*, classification: bool) -> dict[str, torch.Tensor]:
             "attention_mask": torch.zeros((0, 1), dtype=torch.long), "labels": labels}
 
 
-def _skip_empty(objective):
-    def private_objective(model, batch):
+class _MicroBatches:
+    """The task loss under DP, one physical micro-batch per call.
+
+    Before a micro-batch that follows another of the same logical batch, Opacus'
+    virtual step (``signal_skip_step``, then ``step``) clips the previous one's
+    per-example gradients into the running sum ``p.summed_grad`` and ``zero_grad``
+    frees them: no noise, no parameter change. The loop's one ``optimizer.step()``
+    per logical batch then clips the last micro-batch, adds the noise once, scales
+    by the expected logical batch and steps. An empty micro-batch skips the forward.
+    """
+
+    def __init__(self, objective, optimizer, ghost_module=None):
+        self.objective, self.optimizer, self.ghost_module = objective, optimizer, ghost_module
+
+    def __call__(self, model, batch):
+        if self.optimizer.micro_pending:
+            self.optimizer.signal_skip_step(do_skip=True)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)  # keeps summed_grad: step skipped
         if batch["input_ids"].shape[0] == 0:
             return torch.zeros((), requires_grad=True)
-        return objective(model, batch)
-    return private_objective
+        self.optimizer.micro_pending = True
+        if self.ghost_module is None:
+            return self.objective(model, batch)
+        from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+
+        # Its backward() runs Opacus' two passes: per-example norms, then the clipped sum.
+        return DPTensorFastGradientClipping(self.ghost_module, self.optimizer,
+                                            self.objective(model, batch), "mean")
 
 
 @dataclass
@@ -208,7 +300,7 @@ class PrivateTraining:
     examples: list[dict]
     pad_token_id: int
     generator: torch.Generator  # Poisson sampling and noise: reproducible per round
-    grad_sample_mode: str = "hooks"  # or "functorch" (config 'dp-grad-sample-mode')
+    grad_sample_mode: str = "hooks"  # or "functorch", "ghost" (config 'dp-grad-sample-mode')
 
 
 @contextmanager
@@ -222,28 +314,47 @@ def private_training(model: torch.nn.Module, optimizer, objective, private: Priv
     # hooks live on its submodules, and peft's methods (disable_adapter for a 'base'
     # teacher) stay reachable. The model is never moved after wrapping (the class of
     # bug in opacus issue 820); tests/test_dp.py checks zero noise equals plain SGD.
-    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean",
-                               force_functorch=private.grad_sample_mode == "functorch")
+    ghost = private.grad_sample_mode == "ghost"
+    if ghost:
+        # Ghost clipping (Li et al., 2022; Opacus >= 1.5): per-example gradient norms
+        # from activations and backprops, never the per-example gradients; it needs the
+        # loss of each example, so the task loss is swapped for its per-example form.
+        from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+        from common.objectives import per_example_losses
+
+        task_loss = per_example_losses(task_loss)
+        if task_loss is None:
+            raise ValueError("dp-grad-sample-mode ghost needs a loss per example: this "
+                             "objective has none; use hooks")
+        wrapped = GradSampleModuleFastGradientClipping(
+            model, batch_first=True, loss_reduction="mean",
+            max_grad_norm=private.plan.max_grad_norm, use_ghost_clipping=True)
+    else:
+        wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean",
+                                   force_functorch=private.grad_sample_mode == "functorch")
     # The noise is drawn where the parameters live; Poisson sampling stays on the CPU.
     device = next(p for p in model.parameters() if p.requires_grad).device
     noise = torch.Generator(device=device).manual_seed(private.generator.initial_seed() + 1)
-    dp_optimizer = _dp_optimizer(optimizer, private.plan, noise)
+    dp_optimizer = _dp_optimizer(optimizer, private.plan, noise, ghost=ghost)
     dp_optimizer.attach_step_hook(private.accountant.hook(private.plan.sample_rate))
     if penalties:
         dp_optimizer.penalty = lambda: sum(term(model) for term in penalties)
     batches = poisson_batches(private.examples, private.plan.sample_rate,
-                              private.pad_token_id, private.generator)
+                              private.pad_token_id, private.generator,
+                              micro_batches=private.plan.micro_batches)
     try:
         with warnings.catch_warnings():
             # Opacus' hooks on LoRA layers whose inputs need no grad: expected, and
             # otherwise printed at every step (torch's full-backward-hook notice).
             warnings.filterwarnings("ignore", message="Full backward hook is firing",
                                     category=UserWarning)
-            yield dp_optimizer, _skip_empty(task_loss), batches
+            yield dp_optimizer, _MicroBatches(task_loss, dp_optimizer,
+                                              wrapped if ghost else None), batches
     finally:
         wrapped._close()  # removes the hooks and the per-sample gradients
         for p in model.parameters():
-            for attr in ("grad_sample", "summed_grad", "_processed"):
+            for attr in ("grad_sample", "summed_grad", "_processed", "_norm_sample"):
                 if hasattr(p, attr):
                     delattr(p, attr)
 

@@ -86,6 +86,24 @@ def classification_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(logits.float(), batch["labels"])
 
 
+def per_example_losses(task: Objective):
+    """The per-example loss vector (batch,) of a task loss, which Opacus' ghost
+    clipping needs, or None where there is none (distillation)."""
+    if task is causal_lm_loss:
+        def causal_lm_losses(model, batch):
+            logits, labels = response_logits(model, batch)
+            counts = (labels != IGNORE_INDEX).sum(dim=1).clamp(min=1)
+            return token_nll(logits, labels).sum(dim=1) / counts
+        return causal_lm_losses
+    if task is classification_loss:
+        def classification_losses(model, batch):
+            logits = model(input_ids=batch["input_ids"],
+                           attention_mask=batch["attention_mask"]).logits
+            return F.cross_entropy(logits.float(), batch["labels"], reduction="none")
+        return classification_losses
+    return None
+
+
 def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                     temperature: float) -> torch.Tensor:
     """Per-token KL(teacher || student) of the temperature-softened distributions."""

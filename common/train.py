@@ -161,14 +161,16 @@ def _loop(model, optimizer, batches, objective, cfg: RunConfig, *, num_steps: in
             group["lr"] = cfg.lr * factor
         step_loss = 0.0
         micro = [next(batches) for _ in range(cfg.grad_accum)]
-        weights = accumulation_weights(micro)
-        for batch, weight in zip(micro, weights):
+        shares = accumulation_weights(micro)
+        for batch, share in zip(micro, shares):
             batch = to_device(batch, device)
             with autocast(model):  # 16-bit base: bf16 matmuls, fp32 LoRA weights and loss
                 loss = objective(model, batch)
-            loss = loss * weight if weight != 1.0 else loss
-            loss.backward()
-            step_loss += float(loss.detach())
+            # Under DP-SGD (common/dp.py) each micro-batch's loss enters unweighted:
+            # Opacus recovers per-example gradients from it and normalizes the sum.
+            weighted = share != 1.0 and not getattr(optimizer, "per_example_clipping", False)
+            (loss * share if weighted else loss).backward()
+            step_loss += float(loss.detach()) * share
             examples += batch["input_ids"].shape[0]
             tokens += int((batch["labels"] != IGNORE_INDEX).sum())
         if cfg.max_grad_norm > 0:  # under DP a no-op: Opacus replaces .grad at its step

@@ -55,6 +55,12 @@ def run_centralized(cfg: RunConfig, *, partition_id: int | None = None) -> RunFo
         plan(cfg, num_examples=len(examples), planned_steps=total_steps), Accountant(),
         examples, tokenizer.pad_token_id, torch.Generator().manual_seed(cfg.seed + 1),
         cfg.dp_grad_sample_mode)
+    if private is not None:
+        from common.dp import describe_plan, describe_settings
+
+        print(f"fedtune: {describe_settings(cfg)}", flush=True)
+        print("fedtune: " + describe_plan(private.plan, num_examples=len(examples),
+                                          who="pooled data"), flush=True)
     wire = _NoWire()
     # Early stopping and lr-plateau watch their own validation split: choosing the
     # stopping round on the held-out split would leak it into training decisions.

@@ -161,9 +161,10 @@ def _run_config_of(run_dir: str) -> dict:
     return values
 
 
-def preflight(cfg: RunConfig) -> RunConfig:
-    """:func:`check_inputs`, then :func:`prepare_run_dir` (``fedtune train``: one process)."""
-    return prepare_run_dir(check_inputs(cfg))
+def preflight(cfg: RunConfig, *, pooled: bool = False) -> RunConfig:
+    """:func:`check_inputs`, then :func:`prepare_run_dir` (``fedtune train``: one process;
+    ``pooled``: the DP plan is the pooled data's, printed by the trainer)."""
+    return prepare_run_dir(check_inputs(cfg, pooled=pooled))
 
 
 def prepare_run_dir(cfg: RunConfig) -> RunConfig:
@@ -181,7 +182,7 @@ def prepare_run_dir(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def check_inputs(cfg: RunConfig) -> RunConfig:
+def check_inputs(cfg: RunConfig, *, pooled: bool = False) -> RunConfig:
     """Fail fast, before any client starts, on what would otherwise fail inside every
     client: bad model path, bad dataset, impossible partitioning, a run that cannot be
     resumed. Also converts the built-in model once, before clients start (so they never
@@ -208,7 +209,8 @@ def check_inputs(cfg: RunConfig) -> RunConfig:
     # tokenizer without a chat template stop the run before Ray starts, not in a client.
     report = data_report(cfg, load_tokenizer(cfg.model))
     os.environ[DATA_STATS_ENV] = json.dumps(report.to_json())  # the run folder records it
-    check_privacy_plan(cfg, load_run_data(cfg, cfg.num_clients))  # cached: no second load
+    check_privacy_plan(cfg, load_run_data(cfg, cfg.num_clients),  # cached: no second load
+                       show=not pooled)
     if cfg.resume_from:
         from server.checkpoints import RunFolder, check_resumable
 
@@ -217,14 +219,21 @@ def check_inputs(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def check_privacy_plan(cfg: RunConfig, data) -> None:
-    """DP settings that no client could honour fail here, once, not in every client."""
+def check_privacy_plan(cfg: RunConfig, data, *, show: bool = True) -> None:
+    """DP settings that no client could honour fail here, once, not in every client;
+    ``show``: print each client's DP-SGD plan before training."""
     if cfg.dp_sgd:
-        from common.dp import plan
+        from common.dp import describe_plan, describe_settings, plan
+        from server.console import say
 
+        if show:
+            say(f"fedtune: {describe_settings(cfg)}")
         for partition_id in range(cfg.num_clients):
             rows = len(data.partition(partition_id, cfg.max_examples_per_client))
-            plan(cfg, num_examples=rows, planned_steps=cfg.num_server_rounds * cfg.local_steps)
+            dp = plan(cfg, num_examples=rows, planned_steps=cfg.num_server_rounds * cfg.local_steps)
+            if show:
+                who = f"client {partition_id}"
+                say(f"fedtune: {describe_plan(dp, num_examples=rows, who=who)}")
     if cfg.client_dp != "off":
         from server.strategies import build_strategy
 
@@ -320,7 +329,7 @@ def stop_process_group(child: subprocess.Popen) -> None:
 def train_command(args: argparse.Namespace) -> int:
     from server.centralized import run_centralized
 
-    cfg = _prepared_config(args)
+    cfg = _prepared_config(args, pooled=True)
     if cfg.resume_from:
         raise ValueError("'resume-from' works with `fedtune simulate` and `flwr run`; "
                          "`fedtune train` always starts a new run: unset it")
@@ -357,13 +366,13 @@ def personalize_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prepared_config(args: argparse.Namespace) -> RunConfig:
+def _prepared_config(args: argparse.Namespace, *, pooled: bool = False) -> RunConfig:
     """Config from flags, offline mode where nothing needs the Hub, then preflight."""
     cfg = config_from_args(args)
     if _is_offline_config(cfg):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     setup_process(cfg.num_threads)
-    return preflight(cfg)
+    return preflight(cfg, pooled=pooled)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

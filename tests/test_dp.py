@@ -183,7 +183,7 @@ def test_epsilon_grows_and_matches_opacus_accountant_across_rounds(tiny_cfg, tok
 
 
 def test_noise_from_target_epsilon_spends_the_budget_exactly_once(tiny_cfg):
-    cfg = tiny_cfg.replace(dp_sgd=True, dp_target_epsilon=2.0, batch_size=4)
+    cfg = tiny_cfg.replace(dp_sgd=True, dp_target_epsilon=2.0, batch_size=4, dp_recipe=False)
     dp = plan(cfg, num_examples=200, planned_steps=30)
     assert dp.sample_rate == pytest.approx(0.02)
     accountant = Accountant()
@@ -214,9 +214,10 @@ def test_client_accountant_survives_rounds_and_budget_is_enforced(tiny_cfg, flow
 
     # a budget that fits two rounds of 2 steps at this noise, not three
     base = tiny_cfg.replace(dp_sgd=True, local_steps=2, num_server_rounds=3, batch_size=4,
+                            grad_accum=2,
                             dp_noise_multiplier=1.0, dp_target_epsilon=1.0, dp_delta=1e-3)
     examples = len(partition_examples(base, 0, 2, tokenizer))
-    q = base.batch_size / examples
+    q = min(1.0, base.batch_size * base.grad_accum / examples)  # the logical rate
     eps = [Accountant([(1.0, q, s)]).epsilon(1e-3) for s in (2, 4, 6)]
     cfg = base.replace(dp_target_epsilon=round((eps[1] + eps[2]) / 2, 3))
     context = _context(cfg)
@@ -252,7 +253,6 @@ def test_server_logs_the_refusal_and_the_largest_epsilon(tiny_cfg, flower_identi
     ({"dp-sgd": "true", "dp-max-grad-norm": "0"}, "'dp-max-grad-norm' must be > 0"),
     ({"dp-sgd": "true", "dp-delta": "1"}, "'dp-delta' must be in"),
     ({"dp-sgd": "true", "dp-target-epsilon": "0"}, "set a budget or a noise multiplier"),
-    ({"dp-sgd": "true", "grad-accum": "2"}, "'grad-accum' must be 1"),
     ({"client-dp": "server-fixed", "transport-dtype": "float16"}, "needs 'transport-dtype'"),
     ({"client-dp": "server-fixed", "strategy": "fedmedian", "min-train-clients": "3",
       "num-clients": "3"}, "is not a mean"),
@@ -354,9 +354,10 @@ def test_centralized_training_with_dp_sgd_records_epsilon(tiny_model_dir, tiny_d
                      "--categories", "", "--num-clients", "2", "--num-server-rounds", "2",
                      "--local-steps", "2", "--batch-size", "4", "--eval-examples", "8",
                      "--max-length", "64", "--lora-r", "4", "--dp-sgd", "true",
-                     "--dp-target-epsilon", "3", "--dp-delta", "1e-3",
+                     "--dp-target-epsilon", "3", "--dp-delta", "1e-3", "--grad-accum", "2",
                      "--run-dir", str(run_dir), timeout=300)
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    assert "DP-SGD plan, pooled data" in result.stdout  # printed before training
     history = [json.loads(l) for l in (run_dir / "history.jsonl").read_text().splitlines()]
     eps = [row["epsilon"] for row in history[1:]]
     assert len(eps) == 2 and 0 < eps[0] < eps[1] <= 3.0
@@ -392,7 +393,7 @@ def test_dp_simulation_records_epsilon_per_round(tiny_model_dir, tmp_path):
         "--categories", "", "--partitioner", "iid", "--num-clients", "2",
         "--num-server-rounds", "2", "--local-steps", "2", "--batch-size", "4",
         "--eval-examples", "8", "--max-length", "64", "--lora-r", "4",
-        "--dp-sgd", "true", "--dp-target-epsilon", "4", "--ffa-lora", "true",
+        "--dp-sgd", "true", "--dp-target-epsilon", "4", "--ffa-lora", "true", "--grad-accum", "2",
         "--client-dp", "server-fixed", "--client-dp-noise-multiplier", "0.5",
         "--run-dir", str(run_dir))
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
@@ -404,3 +405,4 @@ def test_dp_simulation_records_epsilon_per_round(tiny_model_dir, tmp_path):
     assert 0 < client_eps[0] < client_eps[1]
     assert all(row["aggregated"] == 1 for row in history[1:])
     assert "epsilon" in result.stdout
+    assert "DP-SGD plan, client 0" in result.stdout  # printed before training
