@@ -12,7 +12,6 @@ import dataclasses
 import difflib
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -436,107 +435,11 @@ class RunConfig:
     )
 
     def __post_init__(self) -> None:
+        from common.config_checks import dp_recipe_changes, validate
+
         for attr, value in dp_recipe_changes(self).items():
             object.__setattr__(self, attr, value)  # frozen: resolved once, here
-        _check_choice("task", self.task, TASKS)
-        if self.device not in ("auto", "cpu", "cuda") and not (
-                self.device.startswith("cuda:") and self.device[5:].isdigit()):
-            raise ValueError(f"config 'device' must be auto, cpu, cuda or cuda:N; got {self.device!r}")
-        _check_choice("dtype", self.dtype, DTYPES)
-        _check_choice("transport-dtype", self.transport_dtype, TRANSPORT_DTYPES)
-        _check_choice("data-format", self.data_format, DATA_FORMATS)
-        _check_choice("truncation", self.truncation, TRUNCATIONS)
-        _check_choice("on-bad-record", self.on_bad_record, ON_BAD_RECORDS)
-        _check_choice("partitioner", self.partitioner, PARTITIONERS)
-        _check_choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
-        _check_choice("strategy", self.strategy, STRATEGIES)
-        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        self._check_lr_control()
-        for name in ("num-threads", "eval-every", "lora-r", "batch-size", "grad-accum", "local-steps",
-                     "eval-batch-size", "num-server-rounds", "num-clients",
-                     "min-train-clients", "max-length"):
-            if getattr(self, _attr(name)) < 1:
-                raise ValueError(f"config '{name}' must be >= 1, got {getattr(self, _attr(name))}")
-        for name in ("lr", "lora-alpha", "dirichlet-alpha", "round-timeout", "server-eta",
-                     "server-tau", "server-lr", "distill-temperature"):
-            if not getattr(self, _attr(name)) > 0:
-                raise ValueError(f"config '{name}' must be > 0, got {getattr(self, _attr(name))}")
-        for name in ("proximal-mu", "weight-decay", "max-grad-norm", "warmup-steps",
-                     "max-examples-per-client", "l2sp-weight",
-                     "early-stopping-patience", "validation-examples",
-                     "lr-schedule-steps", "eval-examples"):
-            if getattr(self, _attr(name)) < 0:
-                raise ValueError(f"config '{name}' must be >= 0, got {getattr(self, _attr(name))}")
-        for name in ("server-beta1", "server-beta2", "server-momentum", "distill-alpha"):
-            if not 0.0 <= getattr(self, _attr(name)) <= 1.0:
-                raise ValueError(
-                    f"config '{name}' must be in [0, 1], got {getattr(self, _attr(name))}"
-                )
-        if not 0.0 < self.reptile_epsilon <= 1.0:
-            raise ValueError(
-                f"config 'reptile-epsilon' must be in (0, 1], got {self.reptile_epsilon}"
-            )
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"config 'lora-dropout' must be in [0, 1), got {self.lora_dropout}")
-        if not 0.0 < self.fraction_train <= 1.0:
-            raise ValueError(
-                f"config 'fraction-train' must be in (0, 1], got {self.fraction_train}"
-            )
-        self._check_distillation()
-        if self.task == "classification" and self.distill_teacher:
-            raise ValueError(
-                "config 'distill-teacher' works with task 'causal-lm' only: unset it or "
-                "use --task causal-lm"
-            )
-        if self.strategy == "fedprox" and self.proximal_mu == 0.0:
-            raise ValueError(
-                "config 'strategy' is 'fedprox' but 'proximal-mu' is 0: set "
-                "--proximal-mu > 0 (e.g. 0.01) or use --strategy fedavg"
-            )
-        if self.min_train_clients > self.num_clients:
-            raise ValueError(
-                f"config 'min-train-clients' ({self.min_train_clients}) exceeds "
-                f"'num-clients' ({self.num_clients}): lower it or add clients"
-            )
-        for name in ("num-malicious-clients", "max-update-norm-ratio", "max-num-examples"):
-            if getattr(self, _attr(name)) < 0:
-                raise ValueError(f"config '{name}' must be >= 0, got {getattr(self, _attr(name))}")
-        if self.num_clients_to_select < 1:
-            raise ValueError(
-                f"config 'num-clients-to-select' must be >= 1, got {self.num_clients_to_select}"
-            )
-        if not 0.0 <= self.trim_beta < 0.5:
-            raise ValueError(f"config 'trim-beta' must be in [0, 0.5), got {self.trim_beta}")
-        if self.gradient_checkpointing and self.dp_sgd:
-            raise ValueError(
-                "config 'gradient-checkpointing' with 'dp-sgd': Opacus' per-sample gradient "
-                "hooks would run twice per layer in the recomputed forward; unset one of them")
-        if self.eval_dataset and not self.eval_examples:
-            raise ValueError(
-                f"config 'eval-dataset' is {self.eval_dataset!r} but 'eval-examples' is 0 "
-                "(evaluation off): set --eval-examples >= 1 or leave eval-dataset empty")
-        self._check_robust_strategy()
-        self._check_resume()
-        self._check_privacy()
-        self._check_lora_aggregation()
-
-    def _check_distillation(self) -> None:
-        _check_choice("distill-loss", self.distill_loss, DISTILL_LOSSES)
-        if not 0.0 < self.distill_beta < 1.0:
-            raise ValueError(f"config 'distill-beta' must be in (0, 1), got {self.distill_beta} "
-                             "(0 and 1 are distill-loss forward-kl and reverse-kl)")
-        if self.student_layers < 0:
-            raise ValueError(f"config 'student-layers' must be >= 0, got {self.student_layers}")
-        if self.student_layers and self.task != "causal-lm":
-            raise ValueError("config 'student-layers' works with task 'causal-lm' only: "
-                             "set it to 0 or use --task causal-lm")
-        choice = self.student_layer_choice.strip()
-        if choice not in STUDENT_LAYER_CHOICES:
-            layers = self.student_layer_list  # raises on a malformed list
-            if self.student_layers and len(layers) != self.student_layers:
-                raise ValueError(
-                    f"config 'student-layer-choice' lists {len(layers)} layers but "
-                    f"'student-layers' is {self.student_layers}: list exactly that many")
+        validate(self)
 
     @property
     def student_layer_list(self) -> list[int]:
@@ -552,110 +455,6 @@ class RunConfig:
                 f"config 'student-layer-choice' must be {', '.join(STUDENT_LAYER_CHOICES)} or "
                 f"distinct layer indices >= 0 like '0,2,4'; got {self.student_layer_choice!r}")
         return sorted(layers)
-    def _check_lr_control(self) -> None:
-        if not 0.0 < self.lr_plateau_factor < 1.0:
-            raise ValueError(f"config 'lr-plateau-factor' must be in (0, 1), got {self.lr_plateau_factor}")
-        for name in ("lr-plateau-patience", "lr-plateau-cooldown", "lr-plateau-min-lr",
-                     "lr-plateau-threshold"):
-            if getattr(self, _attr(name)) < 0:
-                raise ValueError(f"config '{name}' must be >= 0, got {getattr(self, _attr(name))}")
-        if self.uses_validation and self.validation_examples < 1:
-            raise ValueError("config 'validation-examples' is 0, but early stopping and "
-                             "lr-plateau watch the validation loss: set it >= 1 (e.g. 64)")
-        if self.optimizer == "adamw-schedulefree" and self.dp_sgd:
-            raise ValueError("config 'optimizer' adamw-schedulefree cannot run under 'dp-sgd' "
-                             "(Opacus' optimizer wrapper hides its train/eval switch): use adamw")
-
-    def _check_lora_aggregation(self) -> None:
-        _check_choice("lora-aggregation", self.lora_aggregation, LORA_AGGREGATIONS)
-        ranks = self.client_rank_list  # raises on a malformed list
-        if ranks and (len(ranks) != self.num_clients or not all(1 <= r <= self.lora_r for r in ranks)):
-            raise ValueError(f"config 'client-lora-ranks' {self.client_lora_ranks!r} needs one rank "
-                             f"per client ({self.num_clients}), each in [1, lora-r {self.lora_r}]")
-        if ranks and self.lora_aggregation != "svd":
-            raise ValueError("config 'client-lora-ranks' needs 'lora-aggregation' svd: each "
-                             "client's rank is a truncation of the SVD-ordered global factors")
-        if self.lora_aggregation == "naive":
-            return
-        why = None
-        if self.strategy not in ("fedavg", "fedprox"):
-            why = (f"strategy {self.strategy!r} is not a weighted mean of the updates: use "
-                   "fedavg or fedprox")
-        elif self.ffa_lora:
-            why = "'ffa-lora' already makes the mean exact (A is frozen): drop one of them"
-        elif self.client_dp != "off":
-            why = "'client-dp' clips and noises the factors' mean: use lora-aggregation naive"
-        elif self.dp_sgd and self.lora_aggregation == "exact":
-            why = "'dp-sgd' with the exact mode's residual hooks is untested: use svd or naive"
-        if why:
-            raise ValueError(f"config 'lora-aggregation' {self.lora_aggregation!r}: {why}")
-
-    def _check_privacy(self) -> None:
-        _check_choice("client-dp", self.client_dp, CLIENT_DP_MODES)
-        _check_choice("dp-grad-sample-mode", self.dp_grad_sample_mode, DP_GRAD_SAMPLE_MODES)
-        for name in ("dp-max-grad-norm", "client-dp-clipping-norm", "local-dp-epsilon"):
-            if not getattr(self, _attr(name)) > 0:
-                raise ValueError(f"config '{name}' must be > 0, got {getattr(self, _attr(name))}")
-        for name in ("dp-target-epsilon", "dp-noise-multiplier", "client-dp-noise-multiplier"):
-            if getattr(self, _attr(name)) < 0:
-                raise ValueError(f"config '{name}' must be >= 0, got {getattr(self, _attr(name))}")
-        if not 0.0 < self.dp_delta < 1.0:
-            raise ValueError(f"config 'dp-delta' must be in (0, 1), got {self.dp_delta}")
-        private = self.dp_sgd or self.client_dp != "off"
-        if self.dp_sgd and not (self.dp_target_epsilon or self.dp_noise_multiplier):
-            raise ValueError("config 'dp-sgd' is on with 'dp-target-epsilon' 0 and "
-                             "'dp-noise-multiplier' 0: set a budget or a noise multiplier")
-        if private and self.resume_from:
-            raise ValueError("config 'resume-from' cannot continue a differentially private "
-                             "run: the clients' accountants live in their Flower contexts, "
-                             "which a new run does not have; start a new run")
-        if self.dp_sgd and self.dp_grad_sample_mode == "ghost" and self.distill_teacher:
-            raise ValueError("config 'dp-grad-sample-mode' ghost needs a loss per example "
-                             "and distillation has none here: use hooks, or no distill-teacher")
-        if self.client_dp != "off" and self.transport_dtype != "float32":
-            raise ValueError("config 'client-dp' needs 'transport-dtype' float32: the clipping "
-                             "and the noise apply to the arrays on the wire")
-        if self.client_dp != "off" and self.strategy in (
-                "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"):
-            raise ValueError(f"config 'client-dp' calibrates its noise to a mean of clipped "
-                             f"updates; strategy {self.strategy!r} is not a mean: use fedavg, "
-                             "fedprox, fedavgm, reptile or a fedopt strategy")
-
-    def _check_resume(self) -> None:
-        """A resumed run continues in its own folder: its history and best link go on."""
-        if self.resume_from and self.run_dir and (
-                os.path.normpath(self.run_dir) != os.path.normpath(self.resume_from)):
-            raise ValueError(
-                f"config 'run-dir' ({self.run_dir!r}) differs from 'resume-from' "
-                f"({self.resume_from!r}): a resumed run continues in its own folder, so "
-                "leave 'run-dir' empty"
-            )
-
-    def _check_robust_strategy(self) -> None:
-        """A robust aggregator only defends with enough replies; the guard in
-        server/strategies.py refuses to aggregate fewer than 'min-train-clients', so
-        that is the count that must suffice."""
-        n, f = self.min_train_clients, self.num_malicious_clients
-        needed = {"fedmedian": 3, "fedtrimmedavg": 3, "krum": 2 * f + 3, "multikrum": 2 * f + 3,
-                  "bulyan": 4 * f + 3}.get(self.strategy, 0)
-        if n < needed:
-            raise ValueError(
-                f"config 'strategy' {self.strategy!r} with 'num-malicious-clients' {f} "
-                f"needs 'min-train-clients' >= {needed}, got {n}: raise "
-                "'min-train-clients' (and 'num-clients') or lower 'num-malicious-clients'"
-            )
-        if self.strategy == "multikrum" and self.num_clients_to_select > n - f:
-            raise ValueError(
-                f"config 'num-clients-to-select' ({self.num_clients_to_select}) must be "
-                f"<= 'min-train-clients' - 'num-malicious-clients' ({n - f}) for multikrum"
-            )
-        if self.strategy == "fedtrimmedavg" and int(self.trim_beta * n) < 1:
-            raise ValueError(
-                f"config 'trim-beta' {self.trim_beta} cuts nothing from "
-                f"'min-train-clients' {n} replies: set 'trim-beta' >= {1 / n:.3g} "
-                "or add clients"
-            )
-
     # --- parsing -----------------------------------------------------------------
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None = None) -> "RunConfig":
@@ -720,35 +519,6 @@ class RunConfig:
     def total_local_steps(self) -> int:
         """Schedule length in one client's optimizer steps: by default the whole run."""
         return self.lr_schedule_steps or self.num_server_rounds * self.local_steps
-
-
-DP_RECIPE_LOGICAL_BATCH = 256
-
-
-def dp_recipe_changes(cfg: "RunConfig") -> dict[str, Any]:
-    """The DP recipe's values for the settings ``cfg`` leaves at their generic defaults,
-    when 'dp-sgd' and 'dp-recipe' are on (else nothing); keyed by attribute name.
-
-    Sources (docs/privacy.md): large logical batches and a constant lr (Li et al.,
-    2022); LoRA r 4, no dropout (microsoft/dp-transformers' GPT-2 LoRA at epsilon 8);
-    LoRA on q and v only (Yu et al., 2022); lr from bench/privacy.py's sweep.
-    Idempotent: no recipe value is a default.
-    """
-    if not (cfg.dp_sgd and cfg.dp_recipe):
-        return {}
-    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
-    recipe = {
-        "grad_accum": max(1, round(DP_RECIPE_LOGICAL_BATCH / cfg.batch_size)),
-        "lr_schedule": "constant",
-        "lr": 3e-3,
-        "lora_dropout": 0.0,
-    }
-    if not cfg.client_lora_ranks:  # heterogeneous ranks are checked against lora-r
-        recipe["lora_r"] = 4
-    if cfg.model == BUILTIN_MODEL and cfg.task == "causal-lm":
-        recipe["lora_target_modules"] = "q_proj,v_proj"
-    return {attr: value for attr, value in recipe.items()
-            if getattr(cfg, attr) == defaults[attr] and value != defaults[attr]}
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
