@@ -190,7 +190,7 @@ def runs_lines(results: list[dict], command: str, floor: dict | None) -> list[st
         "## Speed and memory: whole runs", "",
         f"Measured by `{command}` on {machine()}, {today()}, one run at a time; "
         f"load average after each run in the table. Wall: `fedtune simulate` start to exit. "
-        "Memory: peak over 1 s samples of the whole process tree (the parent, the "
+        "Memory: peak over samples (RSS every second, PSS every 5 s) of the whole process tree (the parent, the "
         "simulation child with the ServerApp, Ray's processes and actors), RSS summed "
         "(shared pages counted once per process) and PSS (shared pages split).", "",
         "| run | dtype | wall s | peak RSS sum GB | peak PSS GB | processes | held-out loss per evaluated round | load after |",
