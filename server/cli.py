@@ -264,8 +264,8 @@ def simulate(cfg: RunConfig, *, verbose: bool = False) -> int:
     finally:
         stop_process_group(child)
         console.close()
-    if code == INPUT_ERROR_EXIT and not Path(cfg.run_dir, "run.log").exists():
-        return code  # the child's one-line "fedtune: error: ..." is already shown
+    if code == INPUT_ERROR_EXIT and console.error_shown:
+        return code  # the child's one-line "fedtune: error: ..." is already shown, last
     if code != 0:
         if console.pending:  # it failed before the run folder existed: show its last lines
             print("\n".join(console.pending[-40:]), file=sys.stderr)

@@ -67,6 +67,7 @@ class ConsoleFilter:
         self.run_log, self.verbose = run_log, verbose
         self.out = out or sys.stdout
         self.pending: list[str] = []
+        self.error_shown = False  # a one-line "fedtune: error: ..." reached stderr
         self.showing = False  # inside a shown multi-line block (traceback, warning)
         self.hiding = False  # inside a hidden multi-line notice
 
@@ -106,6 +107,7 @@ class ConsoleFilter:
     def _show(self, line: str) -> None:
         # a one-line input error (the child's check_inputs) goes where errors go
         error = line.startswith("fedtune: error:") and self.out is sys.stdout
+        self.error_shown = self.error_shown or line.startswith("fedtune: error:")
         print(line, file=sys.stderr if error else self.out, flush=True)
 
     def _log(self, line: str | None) -> None:
