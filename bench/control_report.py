@@ -8,6 +8,8 @@ import platform
 import time
 from pathlib import Path
 
+from bench.report import plt as pyplot
+
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "control.md"
 # Read off `uptime` while the runs of 2026-11-30 went on (the runs do not record it);
@@ -199,17 +201,8 @@ def regularization_section(res: dict, spec: dict) -> list[str]:
     return lines
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_curves(res: dict, path: Path, title: str) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, r in res.items():
         ax.plot([h["round"] for h in r["history"]], [h["eval-loss"] for h in r["history"]],
@@ -225,7 +218,7 @@ def plot_curves(res: dict, path: Path, title: str) -> None:
 
 
 def plot_adaptive(res: dict, path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, (ax, ax_lr) = plt.subplots(1, 2, figsize=(11, 4.5))
     for name, r in res.items():
         style = "-" if name.startswith("plateau") else "--"
@@ -251,7 +244,7 @@ def plot_adaptive(res: dict, path: Path) -> None:
 
 
 def plot_regularization(res: dict, path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, (ax, ax_gen) = plt.subplots(1, 2, figsize=(11, 4.5))
     for name, r in res.items():
         rows = r["history"]

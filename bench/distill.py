@@ -287,10 +287,9 @@ def write_report(rows, speed, memory, choices, args, *, rounds, local_steps, ran
 
 
 def plot(rows, base: float, teacher: float, path: Path) -> None:
-    import matplotlib
+    from bench.report import plt as pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for row in rows:
