@@ -1,17 +1,18 @@
 """Naive vs exact LoRA aggregation on the built-in demo: error, held-out loss, bytes.
 
-Runs `fedtune simulate` (the code path users run) on the built-in model and WordNet:
-the natural non-IID split (4 clients, one category each) and an IID control, once per
-`--lora-aggregation` mode at equal rounds and local steps; then naive averaging alone
-for one round at 1, 6 and 20 local steps (its aggregation error against client drift).
-Writes docs/aggregation.md and docs/aggregation.png with the settings it ran.
+Runs fedtune's ServerApp and ClientApp in this process (`bench/inproc.py`: the code
+`fedtune simulate` runs, without Ray's start-up and per-actor model loads) on the
+built-in model and WordNet: the natural non-IID split (4 clients, one category each)
+and an IID control, once per `--lora-aggregation` mode at equal rounds and local steps;
+then naive averaging alone for one round at 1, 6 and 20 local steps (its aggregation
+error against client drift); with `--hetero`, heterogeneous ranks. Writes
+docs/aggregation.md and docs/aggregation.png with the settings it ran.
 
-    nice -n 10 python bench/aggregation.py           # short: 2 rounds, 5 runs + a 3-run sweep
-    nice -n 10 python bench/aggregation.py --long    # the full protocol: 5 rounds, 96 eval examples
+    nice -n 10 python bench/aggregation.py --hetero   # 2 rounds: 7 runs + a 3-run sweep + 3
+    nice -n 10 python bench/aggregation.py --long     # 5 rounds, 96 eval examples
 
-The short setting took about an hour on a shared 2-core machine loaded by other jobs
-(one 2-round run: 9-14 min); finished run folders are reused, so an interrupted bench
-continues where it stopped.
+One 2-round run takes about 4 minutes on one thread of a shared 2-core machine;
+finished run folders are reused, so an interrupted bench continues where it stopped.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,21 +29,24 @@ sys.path.insert(0, str(ROOT))
 
 from bench.report import load_average, machine, today  # noqa: E402
 
-SPLITS = {"non-IID (natural)": [], "IID": ["--partitioner", "iid"]}
+MODES = ("naive", "exact", "svd", "alternating")
+# name: (run folder prefix, overrides). The third is the non-IID split with 20 local
+# steps, where naive averaging's error is ten times larger (the sweep below).
+SPLITS = {"non-IID (natural)": ("natural", {}), "IID": ("iid", {"partitioner": "iid"}),
+          "non-IID, 20 steps": ("natural-20steps", {"local-steps": 20})}
 SHORT = dict(rounds=2, local_steps=6, eval_examples=32, sweep=(1, 6, 20), sweep_batch=4,
-             split_modes={"non-IID (natural)": ("naive", "exact", "svd"), "IID": ("naive", "exact")})
+             split_modes={"non-IID (natural)": MODES, "IID": MODES, "non-IID, 20 steps": MODES})
 LONG = dict(rounds=5, local_steps=6, eval_examples=96, sweep=(1, 6, 20), sweep_batch=8,
-            split_modes={"non-IID (natural)": ("naive", "exact", "svd"),
-                         "IID": ("naive", "exact", "svd")})
+            split_modes={"non-IID (natural)": MODES, "IID": MODES, "non-IID, 20 steps": MODES})
 
 
-def simulate(run_dir: Path, flags: list[str]) -> dict:
-    """One run; a finished run folder is reused (the runs are deterministic)."""
+def simulate(run_dir: Path, overrides: dict) -> dict:
+    """One run in this process; a finished run folder is reused (the runs are deterministic)."""
+    from bench.inproc import run_federation
+
     if not (run_dir / "wall.txt").exists():
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "server.cli", "simulate", *flags,
-                        "--run-dir", str(run_dir)], cwd=ROOT, check=True,
-                       stdout=subprocess.DEVNULL)
+        run_federation({**overrides, "run-dir": str(run_dir), "num-threads": 1})
         (run_dir / "wall.txt").write_text(f"{time.perf_counter() - started:.1f}\n")
     rows = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
     return {"history": rows, "seconds": float((run_dir / "wall.txt").read_text())}
@@ -59,25 +62,25 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     p = LONG if args.long else SHORT
     out = args.out / ("long" if args.long else "short")
-    common = ["--local-steps", str(p["local_steps"]), "--eval-examples", str(p["eval_examples"])]
+    common = {"local-steps": p["local_steps"], "eval-examples": p["eval_examples"],
+              "num-server-rounds": p["rounds"]}
     runs = {}
-    for split, flags in SPLITS.items():
+    for split, (prefix, flags) in SPLITS.items():
         for mode in p["split_modes"][split]:
-            tag = f"{'iid' if flags else 'natural'}-{mode}"
-            runs[(split, mode)] = simulate(out / tag, [*common, *flags, "--lora-aggregation", mode,
-                                                       "--num-server-rounds", str(p["rounds"])])
+            runs[(split, mode)] = simulate(out / f"{prefix}-{mode}",
+                                           {**common, **flags, "lora-aggregation": mode})
     sweep = {}
     for steps in p["sweep"]:  # one round each: only the first aggregation's error matters
         sweep[steps] = simulate(out / f"sweep-steps-{steps}",
-                                ["--local-steps", str(steps), "--eval-examples", "8",
-                                 "--batch-size", str(p["sweep_batch"]), "--num-server-rounds", "1"])
+                                {"local-steps": steps, "eval-examples": 8,
+                                 "batch-size": p["sweep_batch"], "num-server-rounds": 1})
     hetero = {}
-    if args.hetero:  # non-IID, svd mode, global rank 16 (all-4: global rank 4)
-        for name, flags in (("ranks 4,8,16,16", ["--lora-r", "16", "--client-lora-ranks", "4,8,16,16"]),
-                            ("all 16", ["--lora-r", "16"]), ("all 4", ["--lora-r", "4"])):
+    if args.hetero:  # non-IID, svd mode, global rank 16 (all-4: global rank 4), alpha 16
+        for name, flags in (("ranks 4,8,16,16", {"lora-r": 16, "client-lora-ranks": "4,8,16,16"}),
+                            ("all 16", {"lora-r": 16}), ("all 4", {"lora-r": 4})):
             hetero[name] = simulate(out / f"hetero-{name.replace(' ', '').replace(',', '-')}",
-                                    [*common, *flags, "--lora-aggregation", "svd",
-                                     "--num-server-rounds", str(p["rounds"])])
+                                    {**common, **flags, "lora-alpha": 16,
+                                     "lora-aggregation": "svd"})
     write_report(runs, sweep, p, args, hetero)
 
 
@@ -92,19 +95,23 @@ def write_report(runs: dict, sweep: dict, p: dict, args, hetero: dict) -> None:
         "# LoRA aggregation: naive vs exact",
         "",
         f"Measured by `nice -n 10 {command}` on {machine()}, a shared machine loaded by other "
-        f"jobs (1-min load average {load_average()} at the end), {today()}. Wall times are "
-        "not comparable across runs; losses, errors and bytes are deterministic.",
+        f"jobs (1-min load average {load_average()} at the end), {today()}, one torch thread, "
+        "fedtune's ServerApp and ClientApp in one process (`bench/inproc.py`), dtype auto "
+        "(bf16 base weights, float32 LoRA weights). Wall times are not comparable across "
+        "runs; losses, errors and bytes are deterministic.",
         "",
         f"Setting: SmolLM2-135M-Instruct + LoRA r=8 (all linear layers), WordNet definitions, "
         f"4 clients, {p['rounds']} rounds x {p['local_steps']} local steps, FedAvg weights "
         f"(examples), held-out {p['eval_examples']} examples (loss over response tokens). "
         "Non-IID: the natural split, one lexicographer category per client; IID: the same "
-        "records shuffled into 4 parts.",
+        "records shuffled into 4 parts; 'non-IID, 20 steps': the natural split with 20 local "
+        "steps per round instead (more client drift).",
         "",
         "Columns: *agg error* = ||mean(B_i A_i) - mean(B) mean(A)||_F / ||mean(B_i A_i)||_F, "
         "the mean over adapted layers of what naive averaging loses (measured in every mode); "
         "*applied error* = the same for the aggregate the mode applied (svd: the truncation "
-        "error; exact: float rounding); *MB/round* = train messages sent + received, as "
+        "error; exact: float rounding; alternating: the replies' own error, 0 when every "
+        "client kept the frozen factor); *MB/round* = train messages sent + received, as "
         "serialized, mean over rounds.",
         "",
         "| split | mode | final held-out loss | agg error (mean / max, last round) "
@@ -137,12 +144,14 @@ def write_report(runs: dict, sweep: dict, p: dict, args, hetero: dict) -> None:
     if hetero:
         lines += ["", "Heterogeneous ranks (non-IID, svd, alpha 16; MB = every client's "
                   "train messages, sent + received, summed over rounds):", "",
-                  "| clients' ranks | final held-out loss | vs all 16 | MB total |", "|---|---|---|---|"]
+                  "| clients' ranks | final held-out loss | vs all 16 | MB total | MB per client "
+                  "per round |", "|---|---|---|---|---|"]
         ref = hetero["all 16"]["history"][-1]["eval-loss"]
         for name, run in hetero.items():
             loss = run["history"][-1]["eval-loss"]
-            lines.append(f"| {name} | {loss:.4f} | {loss / ref - 1:+.1%} | "
-                         f"{sum(_mb(r) for r in run['history'][1:]):.1f} |")
+            total = sum(_mb(r) for r in run["history"][1:])
+            lines.append(f"| {name} | {loss:.4f} | {loss / ref - 1:+.1%} | {total:.1f} | "
+                         f"{total / (4 * max(len(run['history']) - 1, 1)):.2f} |")
     lines += ["", "![aggregation error and held-out loss per round](aggregation.png)", ""]
     doc = ROOT / "docs" / "aggregation.md"
     text = doc.read_text() if doc.exists() else ""
@@ -166,7 +175,7 @@ def plot(runs: dict, sweep: dict, path: Path) -> None:
     fig, (err, loss, drift) = plt.subplots(1, 3, figsize=(15, 4.5))
     for (split, mode), run in runs.items():
         h = [r for r in run["history"] if r["round"] > 0]
-        style = "-" if split.startswith("non") else ":"
+        style = {"IID": ":", "non-IID, 20 steps": "--"}.get(split, "-")
         if mode == "naive":
             err.plot([r["round"] for r in h], [r["agg-error-mean"] for r in h], style, marker="o",
                      label=f"{split}: naive's error")

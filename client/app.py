@@ -15,7 +15,10 @@ from common.config import (
 )
 from common.dp import DP_REFUSAL_CODE, BudgetExhausted
 from common.data import batches_forever, local_examples, partition_examples
-from common.lora_aggregation import LORA_RESIDUAL_KEY, pad_to_rank, set_residual, truncate_to_rank
+from common.lora_aggregation import (
+    LORA_RESIDUAL_KEY, TRAIN_FACTOR_KEY, pad_to_rank, set_residual, set_trained_factor,
+    truncate_to_rank,
+)
 from common.model import adapter_state, get_model, load_tokenizer, set_adapter_state
 from common.objectives import build_objective
 from common.runtime import config_from_run_config, release_memory, setup_process
@@ -117,10 +120,15 @@ def train(msg: Message, context: Context) -> Message:
         return Message(error=Error(code=DP_REFUSAL_CODE, reason=str(err)), reply_to=msg)
     # 3. The one loop. The objective adds FedProx's term (if the strategy sent mu),
     #    L2-SP and distillation (from the config) to the task loss.
+    #    lora-aggregation alternating: only the factor the server names trains.
+    set_trained_factor(model, config.get(TRAIN_FACTOR_KEY))
     objective = build_objective(model, cfg, proximal_mu=float(config.get(PROXIMAL_MU_KEY, 0.0)))
-    stats = train_steps(model, batches, objective, cfg, num_steps=cfg.local_steps,
-                        step_offset=(server_round - 1) * cfg.local_steps,
-                        desc=f"client {partition_id} round {server_round}", private=private)
+    try:
+        stats = train_steps(model, batches, objective, cfg, num_steps=cfg.local_steps,
+                            step_offset=(server_round - 1) * cfg.local_steps,
+                            desc=f"client {partition_id} round {server_round}", private=private)
+    finally:
+        set_trained_factor(model, None)  # the cached model is shared: leave it as loaded
     # 4. Reply: adapter tensors only, cast to the precision the server sent them in,
     #    and metrics (num-examples weights FedAvg).
     metrics = MetricRecord({

@@ -53,7 +53,7 @@ CLIENT_DP_MODES = ("off", "server-fixed", "client-fixed", "server-adaptive",
 DP_GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
 DP_EPSILON_KEY = "dp-epsilon"  # in train replies: the client's sample-level epsilon so far
 UNIT_WEIGHT_KEY = "unit-weight"  # in train replies: 1, for unweighted averaging under DP
-LORA_AGGREGATIONS = ("naive", "exact", "svd")  # common/lora_aggregation.py
+LORA_AGGREGATIONS = ("naive", "exact", "svd", "alternating")  # common/lora_aggregation.py
 DISTILL_LOSSES = ("forward-kl", "reverse-kl", "jsd")  # common/objectives.py
 STUDENT_LAYER_CHOICES = ("spread", "similarity")  # common/student.py
 
@@ -337,7 +337,10 @@ class RunConfig:
         "naive = mean(B) mean(A) (per-tensor FedAvg); exact = FedEx-LoRA, the residual "
         "mean(B_i A_i) - mean(B) mean(A) is added to the frozen weights and sent to the "
         "clients as low-rank factors (more bytes); svd = the best rank-r factors of "
-        "mean(B_i A_i) (same bytes as naive). docs/aggregation.md.",
+        "mean(B_i A_i) (same bytes as naive); alternating = RoLoRA, clients train only B "
+        "in odd rounds and only A in even rounds, so the mean of the trained factor times "
+        "the shared frozen one is exactly mean(B_i A_i) (same bytes as naive). "
+        "docs/aggregation.md.",
         default="naive",
     )
     client_lora_ranks: str = _opt(

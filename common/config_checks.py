@@ -154,6 +154,9 @@ def _check_lora_aggregation(cfg: RunConfig) -> None:
         why = "'client-dp' clips and noises the factors' mean: use lora-aggregation naive"
     elif cfg.dp_sgd and cfg.lora_aggregation == "exact":
         why = "'dp-sgd' with the exact mode's residual hooks is untested: use svd or naive"
+    elif cfg.dp_sgd and cfg.lora_aggregation == "alternating":
+        why = ("'dp-sgd' with a factor frozen per round is untested (FFA-LoRA, 'ffa-lora', "
+               "is the private way to an exact mean): use ffa-lora or naive")
     if why:
         raise ValueError(f"config 'lora-aggregation' {cfg.lora_aggregation!r}: {why}")
 

@@ -9,6 +9,11 @@ arXiv 2410.09432). This module measures that gap and computes the two fixes
   mean(B_i A_i) - B̄ Ā goes into the frozen weights. Here the residual is kept as
   factors P (d x m), Q (m x k): with weights w_i summing to 1 it equals
   sum_i w_i (B_i - B̄)(A_i - Ā), of rank <= (n - 1) r per round.
+- ``alternating`` (RoLoRA, Chen et al., 2024, arXiv 2409.02346): the clients train only
+  B in odd rounds and only A in even rounds, the other factor frozen at the global value
+  every client received. Then mean(B_i) A = mean(B_i A) exactly (and B mean(A_i) =
+  mean(B A_i)): the per-tensor mean is the mean of the updates, at rank r and naive's
+  bytes, the cost being that each round moves only one factor.
 - ``svd``: the best rank-r approximation of mean(B_i A_i) (Eckart-Young), as factors,
   from a QR of the stacked factors: O((d + k)(n r)^2), not the O(d k min(d, k)) SVD of the
   dense mean (the same route as FLoRA's stacking, arXiv 2409.05976, and FlexLoRA's SVD
@@ -34,6 +39,7 @@ import torch
 from common.config import LORA_AGGREGATIONS
 
 LORA_RESIDUAL_KEY = "lora-residual"  # train messages: the exact mode's residual factors
+TRAIN_FACTOR_KEY = "lora-train-factor"  # train config: the factor clients train (alternating)
 A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
 RESIDUAL_P, RESIDUAL_Q = ".residual_P", ".residual_Q"  # keys of the residual factors
 RESIDUAL_FILE = "fedtune_residual.safetensors"  # beside adapter_model.safetensors
@@ -117,14 +123,24 @@ def lowrank_svd(x: torch.Tensor, y: torch.Tensor):
     return qx @ u, s, qy @ vh.T
 
 
+ALIGN_MAX_CONDITION = 1e4  # above it the aligned gauge would blow B up: keep the SVD's
+
+
 def svd_aggregate(bs: Sequence[torch.Tensor], as_: Sequence[torch.Tensor],
-                  weights: Sequence[float], *, rank: int | None = None) -> LayerResult:
+                  weights: Sequence[float], *, rank: int | None = None,
+                  align: bool = False) -> LayerResult:
     """The best rank-r factors of M = sum_i w_i B_i A_i (truncated SVD via QR).
 
-    B' = U_r S_r / c and A' = c V_r^T with c = ||Ā||_F / sqrt(r): A' keeps the Frobenius
-    norm of the naive mean, so the clients' next local steps (whose B-gradient scales
-    with A) run at the step sizes naive averaging gives; B'A' does not depend on c.
-    ``applied_error`` is the truncation error sqrt(sum_{j>r} s_j^2) / ||M||_F."""
+    The product B'A' = U_r S_r V_r^T is fixed; the split between the factors (the gauge:
+    B'G, G^-1 A' for any invertible r x r G) is not, and it is what the clients continue
+    training from. Without ``align``: B' = U_r S_r / c, A' = c V_r^T with
+    c = ||Ā||_F / sqrt(r), so A' keeps the naive mean's norm and its rows are ordered by
+    singular value (what heterogeneous ranks truncate). With ``align``: A' = T V_r^T with
+    T = Ā V_r, i.e. Ā projected onto M's top-r row space, and B' = U_r S_r T^-1, so the
+    factors stay next to the naive means (B̄, Ā) that the clients' optimisers were
+    moving, and only the product is corrected (falls back to the first gauge when T's
+    condition number exceeds ``ALIGN_MAX_CONDITION``). Hand-written, as the rest of this
+    module. ``applied_error`` is the truncation error sqrt(sum_{j>r} s_j^2) / ||M||_F."""
     w = normalized_weights(weights)
     r = rank or bs[0].shape[1]
     _, _, b_mean, a_mean, x, y = _stacks(bs, as_, w)
@@ -133,6 +149,11 @@ def svd_aggregate(bs: Sequence[torch.Tensor], as_: Sequence[torch.Tensor],
     c = float(torch.linalg.norm(a_mean)) / math.sqrt(r) or 1.0
     b_new = u[:, :r] * (s[:r] / c)
     a_new = c * v[:, :r].T
+    if align and v.shape[1] >= r:
+        t = a_mean @ v[:, :r]  # r x r
+        if float(torch.linalg.cond(t)) < ALIGN_MAX_CONDITION:
+            a_new = t @ v[:, :r].T
+            b_new = torch.linalg.solve(t.T, (u[:, :r] * s[:r]).T).T  # U_r S_r T^-1
     err = naive_error(bs, as_, weights)
     return LayerResult(b=b_new.float(), a=a_new.float(), naive_error=err,
                        applied_error=_ratio(total - kept, total))
@@ -173,8 +194,32 @@ def exact_aggregate(bs: Sequence[torch.Tensor], as_: Sequence[torch.Tensor],
                        applied_error=_ratio(dropped ** 2, m_sq), residual=(p, q))
 
 
+def trained_factor(server_round: int) -> str:
+    """``alternating``: the LoRA factor the clients train in ``server_round`` (1-based):
+    'B' in odd rounds, 'A' in even ones. B first because peft starts B at 0, where A's
+    gradient (proportional to B) is 0: a first round on A alone would not move."""
+    return "B" if server_round % 2 == 1 else "A"
+
+
+def set_trained_factor(model, factor: str | None) -> None:
+    """Make only LoRA's ``factor`` ('A' or 'B') matrices trainable, or with None both
+    (A stays frozen under FFA-LoRA). Other trainable weights (a classifier head) are left
+    as they are. The cached model is shared by simulated clients: call it every round.
+    Raises ValueError for another factor name."""
+    if factor not in (None, "A", "B"):
+        raise ValueError(f"LoRA factor must be 'A' or 'B'; got {factor!r}")
+    ffa = getattr(model, "fedtune_ffa", False)
+    for name, param in model.named_parameters():
+        if ".lora_A." in name:
+            param.requires_grad_(factor in (None, "A") and not ffa)
+        elif ".lora_B." in name:
+            param.requires_grad_(factor in (None, "B"))
+
+
 def aggregate_lora(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], *,
-                   mode: str, residual: Mapping[str, torch.Tensor] | None = None):
+                   mode: str, residual: Mapping[str, torch.Tensor] | None = None,
+                   sent: Mapping[str, torch.Tensor] | None = None, factor: str = "B",
+                   align: bool = False):
     """Aggregate the LoRA pairs of the clients' adapter states under ``mode``.
 
     Returns (arrays, residual, stats): ``arrays`` the new global B and A per layer (the
@@ -182,7 +227,11 @@ def aggregate_lora(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequen
     the new cumulative residual factors by key (``exact`` only, else empty); ``stats``
     the per-round summary 'agg-error-mean'/'-max' (naive averaging's relative error over
     the layers) and 'applied-error-mean'/'-max' (the applied aggregate's), plus for
-    exact 'residual-rank-max'. Raises ValueError for an unknown mode."""
+    exact 'residual-rank-max'. ``alternating``: ``sent`` is the global adapter the clients
+    received and ``factor`` the one they trained; the frozen factor is taken from
+    ``sent`` (not from the replies, which hold the same values unless a client broke the
+    protocol) and the trained one is the weighted mean. Raises ValueError for an unknown
+    mode or, in alternating mode, without ``sent``."""
     if mode not in LORA_AGGREGATIONS:
         raise ValueError(f"lora-aggregation must be one of {', '.join(LORA_AGGREGATIONS)}; got {mode!r}")
     residual = residual or {}
@@ -192,13 +241,30 @@ def aggregate_lora(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequen
     for layer in lora_pairs(states[0]):
         bs = [s[layer + B_SUFFIX] for s in states]
         as_ = [s[layer + A_SUFFIX] for s in states]
+        if mode == "alternating":
+            if sent is None:
+                raise ValueError("lora-aggregation alternating needs the adapter sent")
+            # the error of the replies as they came: ~0 when every client kept the
+            # frozen factor (a check on the clients); the aggregate uses the sent one
+            naive.append(naive_error(bs, as_, weights))
+            applied.append(naive[-1])
+            frozen = layer + (A_SUFFIX if factor == "B" else B_SUFFIX)
+            if factor == "B":
+                as_ = [sent[frozen].to(as_[0].dtype)] * len(as_)
+            else:
+                bs = [sent[frozen].to(bs[0].dtype)] * len(bs)
+            w = normalized_weights(weights)
+            mean = lambda ts: sum(wi * t.double() for wi, t in zip(w, ts)).float()  # noqa: E731
+            arrays[layer + B_SUFFIX], arrays[layer + A_SUFFIX] = mean(bs), mean(as_)
+            arrays[frozen] = sent[frozen].float()
+            continue
         if mode == "naive":
             err = naive_error(bs, as_, weights)
             naive.append(err)
             applied.append(err)
             continue
         if mode == "svd":
-            result = svd_aggregate(bs, as_, weights)
+            result = svd_aggregate(bs, as_, weights, align=align)
         else:
             prev = (residual[layer + RESIDUAL_P], residual[layer + RESIDUAL_Q]) \
                 if layer + RESIDUAL_P in residual else None

@@ -228,12 +228,22 @@ def check_privacy_plan(cfg: RunConfig, data, *, show: bool = True) -> None:
 
         if show:
             say(f"fedtune: {describe_settings(cfg)}")
+        examples = 0
         for partition_id in range(cfg.num_clients):
             rows = len(data.partition(partition_id, cfg.max_examples_per_client))
             dp = plan(cfg, num_examples=rows, planned_steps=cfg.num_server_rounds * cfg.local_steps)
+            examples += round(dp.expected_batch_size * dp.planned_steps)
             if show:
                 who = f"client {partition_id}"
                 say(f"fedtune: {describe_plan(dp, num_examples=rows, who=who)}")
+        from common.model import resolve_device
+
+        if show and resolve_device(cfg.device).type == "cpu":
+            # The default plan is sized for a GPU; on a CPU it runs for hours: say so first.
+            say(f"fedtune: DP-SGD computes per-sample gradients in float32 for up to "
+                f"{examples:,} examples here, on the CPU: expect hours (about 2 s per "
+                "example on 2 cores, docs/privacy-bench.md); lower --grad-accum or "
+                "--local-steps for a shorter run, at some utility (docs/privacy.md)")
     if cfg.client_dp != "off":
         from server.strategies import build_strategy
 

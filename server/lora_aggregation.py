@@ -15,6 +15,11 @@ strategy's per-tensor mean of the LoRA factors:
   rank grows by at most (n - 1) r per round (n clients) until it reaches min(d, k); its
   full-size form never exists except in ``fedtune export``. It is part of the server
   state (``--resume``) and saved beside each round's adapter (``fedtune evaluate``/``export``).
+- ``alternating`` (RoLoRA): the train config names the factor the clients train this
+  round (``lora-train-factor``: B in odd rounds, A in even ones); the global trained
+  factor is the weighted mean of the replies' and the frozen one stays the one sent, so
+  the new global product is exactly mean(B_i A_i). Nothing but the adapter travels, and
+  the factor follows from the round number: no state to resume.
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from common.config import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
-from common.lora_aggregation import LORA_RESIDUAL_KEY, aggregate_lora
+from common.lora_aggregation import (
+    LORA_RESIDUAL_KEY, TRAIN_FACTOR_KEY, aggregate_lora, trained_factor,
+)
 
 RESIDUAL_GROUP = "lora-residual"  # the server state group (server/checkpoints.py) it is saved in
 
@@ -36,15 +43,23 @@ class LoraAggregationMixin:
     """Measures the aggregation error and applies ``lora-aggregation``. Bases order:
     ``class X(ResumableMixin, GuardMixin, LoraAggregationMixin, FlowerStrategy)``."""
 
-    def __init__(self, *, lora_aggregation: str = "naive", **kwargs):
+    def __init__(self, *, lora_aggregation: str = "naive", heterogeneous_ranks: bool = False,
+                 **kwargs):
         super().__init__(**kwargs)
         self.lora_aggregation = lora_aggregation
+        # svd: factors aligned with the naive means, unless clients truncate them by rank
+        self.svd_align = not heterogeneous_ranks
+        import os  # EXPERIMENT
+        if os.environ.get("FEDTUNE_SVD_ALIGN") == "0":
+            self.svd_align = False
         self.residual: dict[str, torch.Tensor] = {}  # exact: cumulative residual factors
         self.aggregation_stats: dict[str, float] = {}  # this round's, for the history
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self.aggregation_stats = {}  # a round that does not aggregate has none
+        if self.lora_aggregation == "alternating":
+            config[TRAIN_FACTOR_KEY] = trained_factor(server_round)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         if self.residual:  # one record shared by all messages, as Flower shares the arrays
             record = ArrayRecord({k: Array(v.numpy()) for k, v in self.residual.items()})
@@ -64,8 +79,13 @@ class LoraAggregationMixin:
         key = getattr(self, "weighted_by_key", NUM_EXAMPLES_KEY)
         weights = [float(r.content[METRICS_KEY].get(key, 1)) for r in valid]
         states = [r.content[ARRAYS_KEY].to_torch_state_dict() for r in valid]
+        sent = None
+        if self.lora_aggregation == "alternating":  # the float32 global this round started from
+            sent = self.global_arrays.to_torch_state_dict()
         lora, residual, self.aggregation_stats = aggregate_lora(
-            states, weights, mode=self.lora_aggregation, residual=self.residual)
+            states, weights, mode=self.lora_aggregation, residual=self.residual,
+            sent=sent, factor=trained_factor(server_round),
+            align=self.svd_align and _all_full_rank(valid, states))
         if self.lora_aggregation == "naive":
             return arrays, metrics
         if self.lora_aggregation == "exact":
@@ -81,6 +101,14 @@ class LoraAggregationMixin:
     def load_lora_residual_state(self, state: dict[str, dict[str, np.ndarray]]) -> None:
         self.residual = {k: torch.from_numpy(np.ascontiguousarray(v))
                          for k, v in state.get(RESIDUAL_GROUP, {}).items()}
+
+
+def _all_full_rank(replies: list[Message], states: list[dict]) -> bool:
+    """No reply reports a LoRA rank below the global one (a deployed SuperNode's
+    node-config 'lora-r'): svd then keeps the singular-value order such clients truncate."""
+    global_rank = next((t.shape[0] for k, t in states[0].items() if k.endswith(".lora_A.weight")), 0)
+    return all(int(r.content[METRICS_KEY].get("lora-r", global_rank)) >= global_rank
+               for r in replies)
 
 
 def _client_order(reply: Message) -> tuple[float, int]:

@@ -88,6 +88,15 @@ def test_svd_mode_is_the_rank_r_truncation_and_reports_the_discarded_values():
     a_mean = sum(w * a for w, a in zip(np.array(WEIGHTS) / sum(WEIGHTS), as_))
     assert float(torch.linalg.norm(result.a)) == pytest.approx(float(torch.linalg.norm(a_mean)),
                                                                rel=1e-5)
+    # aligned gauge: the same product, A = Ā projected on the product's top-r row space
+    aligned = svd_aggregate(bs, as_, WEIGHTS, align=True)
+    np.testing.assert_allclose((aligned.b.double() @ aligned.a.double()).numpy(),
+                               (u[:, :R] * s[:R]) @ vt[:R], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(aligned.a.double().numpy(), a_mean.double().numpy() @ vt[:R].T @ vt[:R],
+                               rtol=1e-4, atol=1e-5)
+    assert aligned.applied_error == pytest.approx(result.applied_error, rel=1e-9)
+    assert (np.linalg.norm(aligned.a.numpy() - a_mean.numpy())
+            < np.linalg.norm(result.a.numpy() - a_mean.numpy()))
 
 
 def test_aggregate_lora_pairs_layers_and_leaves_other_tensors_alone():
@@ -141,9 +150,10 @@ def test_residual_hook_equals_folding_it_into_the_base_weights(tiny_cfg):
     (dict(client_dp="server-fixed"), "'client-dp' clips"),
     (dict(dp_sgd=True), "'dp-sgd'"),
 ])
-def test_incompatible_pairings_are_refused_in_one_line(cfg, match):
+@pytest.mark.parametrize("mode", ["exact", "alternating"])
+def test_incompatible_pairings_are_refused_in_one_line(cfg, match, mode):
     with pytest.raises(ValueError, match=match) as err:
-        RunConfig(lora_aggregation="exact", **cfg)
+        RunConfig(lora_aggregation=mode, **cfg)
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="lora-aggregation' must be one of"):
         RunConfig.from_mapping({"lora-aggregation": "fedex"})
@@ -182,7 +192,7 @@ def _initial():
     return ArrayRecord({k: torch.zeros(s) + 0.1 for k, s in SHAPES.items()})
 
 
-@pytest.mark.parametrize("mode", ["naive", "exact", "svd"])
+@pytest.mark.parametrize("mode", ["naive", "exact", "svd", "alternating"])
 def test_strategy_modes_resume_bit_identically(mode, flower_identity):
     cfg = RunConfig(num_clients=2, max_update_norm_ratio=0, lora_aggregation=mode)
     seen_whole = []
@@ -341,3 +351,98 @@ def test_plot_draws_the_aggregation_error_when_the_history_has_it(tmp_path):
     assert "aggregation.png" in names and (tmp_path / "plots" / "aggregation.png").stat().st_size > 0
     (tmp_path / "history.jsonl").write_text(json.dumps(rows[0]) + "\n")
     assert "aggregation.png" not in [p.name for p in plot_run(tmp_path)]
+
+
+# --- alternating (RoLoRA): one factor trains per round, the mean is exact ---------------
+def test_alternating_mode_keeps_the_sent_factor_and_its_product_is_the_exact_mean():
+    bs, as_ = _factors(5)
+    g = torch.Generator().manual_seed(6)
+    sent = {"m.lora_A.weight": torch.randn(R, K, generator=g),
+            "m.lora_B.weight": torch.randn(D, R, generator=g)}
+    # the replies' A deviate (a client breaking the protocol): the server keeps its own
+    states = [{"m.lora_A.weight": a, "m.lora_B.weight": b} for b, a in zip(bs, as_)]
+    arrays, residual, stats = aggregate_lora(states, WEIGHTS, mode="alternating", sent=sent,
+                                             factor="B")
+    assert torch.equal(arrays["m.lora_A.weight"], sent["m.lora_A.weight"])
+    product = (arrays["m.lora_B.weight"].double() @ arrays["m.lora_A.weight"].double()).numpy()
+    np.testing.assert_allclose(product, _dense_mean(bs, [sent["m.lora_A.weight"]] * 3, WEIGHTS),
+                               rtol=1e-6, atol=1e-6)
+    assert residual == {} and stats["agg-error-mean"] > 0.1  # the replies' own error
+    honest = [{"m.lora_A.weight": sent["m.lora_A.weight"].clone(), "m.lora_B.weight": b} for b in bs]
+    assert aggregate_lora(honest, WEIGHTS, mode="alternating", sent=sent,
+                          factor="B")[2]["agg-error-max"] < 1e-12
+    arrays, _, _ = aggregate_lora(states, WEIGHTS, mode="alternating", sent=sent, factor="A")
+    assert torch.equal(arrays["m.lora_B.weight"], sent["m.lora_B.weight"])
+    product = (arrays["m.lora_B.weight"].double() @ arrays["m.lora_A.weight"].double()).numpy()
+    np.testing.assert_allclose(product, _dense_mean([sent["m.lora_B.weight"]] * 3, as_, WEIGHTS),
+                               rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="needs the adapter sent"):
+        aggregate_lora(states, WEIGHTS, mode="alternating", factor="A")
+
+
+def test_alternating_strategy_names_b_then_a_and_resumes_on_the_global_round(flower_identity):
+    seen = []
+
+    def answer(msg: Message) -> Message:
+        config = msg.content["config"]
+        seen.append((int(config["server-round"]), config["lora-train-factor"]))
+        return _answer([])(msg)
+
+    def run(strategy, initial, rounds):
+        out = {}
+        strategy.start(grid=EchoGrid([1, 2], answer), initial_arrays=initial,
+                       num_rounds=rounds, train_config=ConfigRecord(),
+                       evaluate_fn=lambda r, arrays: out.update({r: arrays}))
+        return out
+
+    cfg = RunConfig(num_clients=2, max_update_norm_ratio=0, lora_aggregation="alternating")
+    out = run(build_strategy(cfg), _initial(), 3)
+    assert sorted(set(seen)) == [(1, "B"), (2, "A"), (3, "B")]
+    # round 1 trained B: the global A is still the initial one, bit for bit (the replies
+    # perturbed it); round 2 trained A: B is round 1's
+    assert np.array_equal(out[1]["m.q.lora_A.weight"].numpy(), _initial()["m.q.lora_A.weight"].numpy())
+    assert not np.array_equal(out[1]["m.q.lora_B.weight"].numpy(), _initial()["m.q.lora_B.weight"].numpy())
+    assert np.array_equal(out[2]["m.q.lora_B.weight"].numpy(), out[1]["m.q.lora_B.weight"].numpy())
+    seen.clear()
+    resumed = build_strategy(cfg)
+    resumed.round_offset = 1  # a run resumed after round 1 goes on with A
+    run(resumed, out[1], 1)
+    assert set(seen) == {(2, "A")}
+
+
+def test_set_trained_factor_freezes_the_other_factor_in_training(tiny_cfg):
+    from common.lora_aggregation import set_trained_factor
+    from common.model import adapter_state, get_model, load_tokenizer
+    from common.objectives import build_objective
+    from common.data import batches_forever, partition_examples
+    from common.train import train_steps
+
+    model, tokenizer = get_model(tiny_cfg), load_tokenizer(tiny_cfg.model)
+    examples = partition_examples(tiny_cfg, 0, 2, tokenizer)
+    for factor in ("B", "A"):
+        before = adapter_state(model)
+        set_trained_factor(model, factor)
+        batches = batches_forever(examples, 4, tokenizer.pad_token_id, torch.Generator().manual_seed(0))
+        train_steps(model, batches, build_objective(model, tiny_cfg), tiny_cfg, num_steps=2)
+        after = adapter_state(model)
+        for name in before:
+            moved = not torch.equal(before[name], after[name])
+            assert moved == (f".lora_{factor}." in name), (factor, name)
+    set_trained_factor(model, None)
+    assert all(p.requires_grad for n, p in model.named_parameters() if ".lora_" in n)
+    with pytest.raises(ValueError, match="'A' or 'B'"):
+        set_trained_factor(model, "C")
+
+
+def test_a_real_alternating_run_is_exact(tiny_model_dir, tiny_dataset, tmp_path):
+    from tests.test_cli import fedtune
+
+    run = tmp_path / "alt"
+    result = fedtune("simulate", "--model", str(tiny_model_dir), "--dataset", str(tiny_dataset),
+                     "--categories", "", "--num-clients", "2", "--local-steps", "2",
+                     "--batch-size", "4", "--eval-examples", "8", "--max-length", "64",
+                     "--lora-r", "4", "--lora-aggregation", "alternating", "--dtype", "float32",
+                     "--num-server-rounds", "2", "--run-dir", str(run))
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    rows = [json.loads(l) for l in (run / "history.jsonl").read_text().splitlines()]
+    assert all(r["aggregated"] == 1 and r["agg-error-max"] < 1e-9 for r in rows[1:])
