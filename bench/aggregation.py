@@ -49,7 +49,9 @@ def simulate(run_dir: Path, overrides: dict) -> dict:
         run_federation({**overrides, "run-dir": str(run_dir), "num-threads": 1})
         (run_dir / "wall.txt").write_text(f"{time.perf_counter() - started:.1f}\n")
     rows = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
-    return {"history": rows, "seconds": float((run_dir / "wall.txt").read_text())}
+    clients = [json.loads(line) for line in (run_dir / "clients.jsonl").read_text().splitlines()]
+    return {"history": rows, "clients": clients,
+            "seconds": float((run_dir / "wall.txt").read_text())}
 
 
 def main() -> None:
@@ -74,6 +76,11 @@ def main() -> None:
         sweep[steps] = simulate(out / f"sweep-steps-{steps}",
                                 {"local-steps": steps, "eval-examples": 8,
                                  "batch-size": p["sweep_batch"], "num-server-rounds": 1})
+    seeds = {}  # a second seed where the modes' gap is measured (non-IID, 20 steps)
+    if not args.long:
+        for mode in ("naive", "svd"):
+            seeds[mode] = simulate(out / f"seed1-natural-20steps-{mode}",
+                                   {**common, "local-steps": 20, "seed": 1, "lora-aggregation": mode})
     hetero = {}
     if args.hetero:  # non-IID, svd mode, global rank 16 (all-4: global rank 4), alpha 16
         for name, flags in (("ranks 4,8,16,16", {"lora-r": 16, "client-lora-ranks": "4,8,16,16"}),
@@ -81,14 +88,14 @@ def main() -> None:
             hetero[name] = simulate(out / f"hetero-{name.replace(' ', '').replace(',', '-')}",
                                     {**common, **flags, "lora-alpha": 16,
                                      "lora-aggregation": "svd"})
-    write_report(runs, sweep, p, args, hetero)
+    write_report(runs, sweep, p, args, hetero, seeds)
 
 
 def _mb(row: dict) -> float:
     return (row.get("bytes-sent", 0) + row.get("bytes-received", 0)) / 1e6
 
 
-def write_report(runs: dict, sweep: dict, p: dict, args, hetero: dict) -> None:
+def write_report(runs: dict, sweep: dict, p: dict, args, hetero: dict, seeds: dict) -> None:
     command = "python bench/aggregation.py" + (" --long" if args.long else "") + (
         " --hetero" if args.hetero else "")
     lines = [
@@ -141,17 +148,25 @@ def write_report(runs: dict, sweep: dict, p: dict, args, hetero: dict) -> None:
     for steps, run in sweep.items():
         row = run["history"][-1]
         lines.append(f"| {steps} | {row['agg-error-mean']:.4f} | {row['agg-error-max']:.4f} |")
+    if seeds:
+        lines += ["", "Non-IID, 20 steps, seed 1 (LoRA init, data order), the same protocol:", "",
+                  "| mode | round 0 | round 1 | round 2 |", "|---|---|---|---|"]
+        for mode, run in seeds.items():
+            lines.append(f"| {mode} | " + " | ".join(f"{r['eval-loss']:.4f}" for r in run["history"]) + " |")
     if hetero:
         lines += ["", "Heterogeneous ranks (non-IID, svd, alpha 16; MB = every client's "
                   "train messages, sent + received, summed over rounds):", "",
-                  "| clients' ranks | final held-out loss | vs all 16 | MB total | MB per client "
-                  "per round |", "|---|---|---|---|---|"]
+                  "| clients' ranks | final held-out loss | vs all 16 | MB total | each client's MB "
+                  "in the last round (rank: sent + received) |", "|---|---|---|---|---|"]
         ref = hetero["all 16"]["history"][-1]["eval-loss"]
         for name, run in hetero.items():
             loss = run["history"][-1]["eval-loss"]
             total = sum(_mb(r) for r in run["history"][1:])
-            lines.append(f"| {name} | {loss:.4f} | {loss / ref - 1:+.1%} | {total:.1f} | "
-                         f"{total / (4 * max(len(run['history']) - 1, 1)):.2f} |")
+            last = max(c["round"] for c in run["clients"])
+            per = sorted((c["partition-id"], c["lora-r"], _mb(c)) for c in run["clients"]
+                         if c["round"] == last)
+            lines.append(f"| {name} | {loss:.4f} | {loss / ref - 1:+.1%} | {total:.1f} | " +
+                         ", ".join(f"r{r}: {mb:.1f}" for _, r, mb in per) + " |")
     lines += ["", "![aggregation error and held-out loss per round](aggregation.png)", ""]
     doc = ROOT / "docs" / "aggregation.md"
     text = doc.read_text() if doc.exists() else ""

@@ -20,6 +20,12 @@ strategy's per-tensor mean of the LoRA factors:
   factor is the weighted mean of the replies' and the frozen one stays the one sent, so
   the new global product is exactly mean(B_i A_i). Nothing but the adapter travels, and
   the factor follows from the round number: no state to resume.
+
+Heterogeneous ranks travel at each client's own rank: a client replies with its rank-r
+factors, :meth:`LoraAggregationMixin.full_rank_reply` pads them to the global rank R
+before the update guard sees them and remembers the node's rank, and from then on
+:meth:`LoraAggregationMixin.arrays_for_node` sends that node the global factors
+truncated to r (a node not seen yet gets rank R and truncates them itself).
 """
 
 from __future__ import annotations
@@ -33,8 +39,10 @@ from flwr.serverapp import Grid
 
 from common.config import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
 from common.lora_aggregation import (
-    LORA_RESIDUAL_KEY, TRAIN_FACTOR_KEY, aggregate_lora, trained_factor,
+    A_SUFFIX, B_SUFFIX, LORA_RESIDUAL_KEY, TRAIN_FACTOR_KEY, aggregate_lora, pad_to_rank, trained_factor,
+    truncate_to_rank,
 )
+from common.transport import decode_state, encode_state
 
 RESIDUAL_GROUP = "lora-residual"  # the server state group (server/checkpoints.py) it is saved in
 
@@ -54,10 +62,13 @@ class LoraAggregationMixin:
             self.svd_align = False
         self.residual: dict[str, torch.Tensor] = {}  # exact: cumulative residual factors
         self.aggregation_stats: dict[str, float] = {}  # this round's, for the history
+        self.node_ranks: dict[int, int] = {}  # heterogeneous ranks: node id -> its rank < R
+        self._by_rank: dict[int, ArrayRecord] = {}  # this round's truncated adapters
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self.aggregation_stats = {}  # a round that does not aggregate has none
+        self._by_rank = {}
         if self.lora_aggregation == "alternating":
             config[TRAIN_FACTOR_KEY] = trained_factor(server_round)
         messages = list(super().configure_train(server_round, arrays, config, grid))
@@ -93,6 +104,46 @@ class LoraAggregationMixin:
         out = {k: (Array(lora[k].numpy()) if k in lora else arrays[k]) for k in arrays}
         return ArrayRecord(out), metrics
 
+    # --- heterogeneous ranks on the wire (TrafficMixin and GuardMixin call these) --------
+    def arrays_for_node(self, node_id: int) -> ArrayRecord | None:
+        """The adapter for ``node_id`` when it trains a rank below the global one: the
+        float32 global factors truncated to its rank (``truncate_to_rank``), in the
+        transport dtype; None: the record shared by all nodes."""
+        rank = self.node_ranks.get(node_id)
+        if rank is None:
+            return None
+        if rank not in self._by_rank:
+            state = truncate_to_rank(self.global_arrays.to_torch_state_dict(), rank=rank,
+                                     global_rank=_rank_of(self.global_arrays))
+            wire = encode_state(state, self.transport_dtype)
+            self._by_rank[rank] = ArrayRecord({k: Array(v) for k, v in wire.items()})
+        return self._by_rank[rank]
+
+    def full_rank_reply(self, reply: Message) -> Message:
+        """A reply at a rank r below the global R, padded to R (``pad_to_rank`` against
+        the float32 global this round started from), in the transport dtype; the node's
+        rank is remembered for :meth:`arrays_for_node`. Other replies pass unchanged."""
+        if reply.has_error() or ARRAYS_KEY not in reply.content.array_records:
+            return reply
+        arrays = reply.content[ARRAYS_KEY]
+        rank, global_rank = _rank_of(arrays), _rank_of(self.global_arrays)
+        node = reply.metadata.src_node_id
+        if not 0 < rank < global_rank:
+            self.node_ranks.pop(node, None)
+            return reply  # full rank, or not a LoRA adapter: the guard judges it
+        declared = reply.content.metric_records.get(METRICS_KEY, {}).get("lora-r")
+        expected = {k: _truncated_shape(k, tuple(a.shape), rank)
+                    for k, a in self.global_arrays.items()}
+        if declared != rank or {k: tuple(a.shape) for k, a in arrays.items()} != expected:
+            return reply  # not the rank-r adapter it says it is: the guard rejects it
+        state = decode_state({k: a.numpy() for k, a in arrays.items()}, self.transport_dtype)
+        padded = pad_to_rank(state, self.global_arrays.to_torch_state_dict(), rank=rank,
+                             global_rank=global_rank)
+        wire = encode_state(padded, self.transport_dtype)
+        reply.content[ARRAYS_KEY] = ArrayRecord({k: Array(v) for k, v in wire.items()})
+        self.node_ranks[node] = rank
+        return reply
+
     # --- server state (server/resume.py calls these) ------------------------------------
     def lora_residual_state(self) -> dict[str, dict[str, np.ndarray]]:
         return {RESIDUAL_GROUP: {k: v.numpy() for k, v in self.residual.items()}} \
@@ -101,6 +152,20 @@ class LoraAggregationMixin:
     def load_lora_residual_state(self, state: dict[str, dict[str, np.ndarray]]) -> None:
         self.residual = {k: torch.from_numpy(np.ascontiguousarray(v))
                          for k, v in state.get(RESIDUAL_GROUP, {}).items()}
+
+
+def _rank_of(arrays: ArrayRecord) -> int:
+    """The LoRA rank of an adapter record (rows of its first A matrix; 0: none)."""
+    return next((arrays[k].shape[0] for k in arrays if k.endswith(A_SUFFIX)), 0)
+
+
+def _truncated_shape(key: str, shape: tuple, rank: int) -> tuple:
+    """The shape of global tensor ``key`` in a rank-``rank`` adapter."""
+    if key.endswith(A_SUFFIX):
+        return (rank, *shape[1:])
+    if key.endswith(B_SUFFIX):
+        return (*shape[:-1], rank)
+    return shape
 
 
 def _all_full_rank(replies: list[Message], states: list[dict]) -> bool:

@@ -11,7 +11,7 @@ from logging import WARNING
 from typing import Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
@@ -43,6 +43,7 @@ class RoundTraffic:
     rejected: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REASONS, 0))
     aggregated: bool = True  # False: too few valid replies, the global adapter is kept
     dp_refused: int = 0  # clients that refused to train: their DP budget was spent
+    node_bytes: dict[int, dict[str, int]] = field(default_factory=dict)  # per node, both ways
 
 
 def message_bytes(msg: Message) -> int:
@@ -89,7 +90,15 @@ class TrafficMixin:
                             else to_transport(arrays, self.transport_dtype))
         for message in messages:
             message.content[ARRAYS_KEY] = self.sent_arrays
-        self.traffic = RoundTraffic(bytes_sent=sum(message_bytes(m) for m in messages))
+        for message in messages:
+            # heterogeneous ranks: a node that reported a lower rank gets its own adapter,
+            # in its own content (Flower's messages share one RecordDict)
+            own = self.arrays_for_node(message.metadata.dst_node_id)
+            if own is not None:
+                message.content = RecordDict({**dict(message.content.items()), ARRAYS_KEY: own})
+        sent = {m.metadata.dst_node_id: message_bytes(m) for m in messages}
+        self.traffic = RoundTraffic(bytes_sent=sum(sent.values()),
+                                    node_bytes={n: {"bytes-sent": b} for n, b in sent.items()})
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
@@ -104,8 +113,12 @@ class TrafficMixin:
 
     def receive(self, replies: list[Message]) -> None:
         """Counts the bytes of the replies as they arrived, before any screening."""
-        self.traffic.bytes_received += sum(message_bytes(r) for r in replies
-                                           if not r.has_error())
+        for reply in replies:
+            if not reply.has_error():
+                size = message_bytes(reply)
+                self.traffic.bytes_received += size
+                node = self.traffic.node_bytes.setdefault(reply.metadata.src_node_id, {})
+                node["bytes-received"] = size
 
     def count_replies(self, server_round: int, replies: list[Message]) -> None:
         for reply in replies:
@@ -121,6 +134,7 @@ class TrafficMixin:
             self.traffic.clients.append({
                 "round": server_round, "node-id": reply.metadata.src_node_id,
                 **{k: v for k, v in metrics.items()},
+                **self.traffic.node_bytes.get(reply.metadata.src_node_id, {}),
             })
 
 
@@ -142,6 +156,8 @@ class GuardMixin(TrafficMixin):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
         self.receive(replies)  # rejected replies were received too
+        # heterogeneous ranks: a rank-r reply is padded to the global shapes first
+        replies = [self.full_rank_reply(r) for r in replies]
         errors = [r for r in replies if r.has_error()]
         screened = [r for r in replies if not r.has_error()]
         # Replies are checked against what was sent, in the transport dtype.

@@ -338,6 +338,13 @@ def test_a_real_run_with_mixed_ranks(tiny_model_dir, tiny_dataset, tmp_path):
     assert sorted((c["partition-id"], c["lora-r"]) for c in clients) == [(0, 2), (0, 2), (1, 4), (1, 4)]
     rows = [json.loads(l) for l in (run / "history.jsonl").read_text().splitlines()]
     assert all(r["aggregated"] == 1 and r["rejected"] == 0 for r in rows[1:])
+    # each client's bytes: round 1 sends rank 4 to both, round 2 sends partition 0 its
+    # rank 2; every reply is at the client's own rank
+    by = {(c["round"], c["partition-id"]): c for c in clients}
+    assert by[(2, 0)]["bytes-sent"] < 0.8 * by[(2, 1)]["bytes-sent"]
+    assert by[(1, 0)]["bytes-sent"] == by[(1, 1)]["bytes-sent"]
+    assert all(by[(r, 0)]["bytes-received"] < 0.8 * by[(r, 1)]["bytes-received"] for r in (1, 2))
+    assert sum(c["bytes-sent"] for c in clients if c["round"] == 2) == rows[2]["bytes-sent"]
 
 
 def test_plot_draws_the_aggregation_error_when_the_history_has_it(tmp_path):
@@ -446,3 +453,59 @@ def test_a_real_alternating_run_is_exact(tiny_model_dir, tiny_dataset, tmp_path)
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     rows = [json.loads(l) for l in (run / "history.jsonl").read_text().splitlines()]
     assert all(r["aggregated"] == 1 and r["agg-error-max"] < 1e-9 for r in rows[1:])
+
+
+def test_a_lower_rank_node_gets_and_sends_its_own_rank_and_the_server_pads_it(flower_identity):
+    """Node 1 trains rank 1 of the global rank R = 3: from round 2 on it receives rank-1
+    factors (the SVD-ordered global truncated, B scaled by r/R), and its rank-1 replies
+    are padded to R before the guard; a reply whose shapes do not match the rank it
+    declares is rejected by the guard, not padded."""
+    from common.lora_aggregation import pad_to_rank, truncate_to_rank
+
+    received, replies_by_round = {}, {}
+
+    def answer(msg: Message) -> Message:
+        node, rnd = msg.metadata.dst_node_id, int(msg.content["config"]["server-round"])
+        arrays = {k: torch.from_numpy(a.numpy().copy()) for k, a in msg.content["arrays"].items()}
+        received[(rnd, node)] = arrays
+        rank = 1 if node == 1 else R
+        if node == 1 and arrays["m.q.lora_A.weight"].shape[0] == R:
+            arrays = truncate_to_rank(arrays, rank=1, global_rank=R)  # what the client does
+        g = torch.Generator().manual_seed(10 * rnd + node)
+        trained = {k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in arrays.items()}
+        replies_by_round.setdefault(rnd, {})[node] = trained
+        content = RecordDict({"arrays": ArrayRecord(trained), "metrics": MetricRecord(
+            {"train-loss": 1.0, "num-examples": 10, "lora-r": rank})})
+        return Message(content=content, reply_to=msg)
+
+    cfg = RunConfig(num_clients=2, lora_r=R, client_lora_ranks=f"1,{R}", max_update_norm_ratio=0,
+                    lora_aggregation="svd")
+    strategy = build_strategy(cfg)
+    out = {}
+    strategy.start(grid=EchoGrid([1, 2], answer), initial_arrays=_initial(), num_rounds=2,
+                   train_config=ConfigRecord(), evaluate_fn=lambda r, a: out.update({r: a}))
+    assert received[(1, 1)]["m.q.lora_A.weight"].shape[0] == R  # not known yet: rank R
+    assert received[(2, 1)]["m.q.lora_A.weight"].shape == (1, K)  # then its own rank
+    assert received[(2, 2)]["m.q.lora_A.weight"].shape == (R, K)
+    expected = truncate_to_rank(out[1].to_torch_state_dict(), rank=1, global_rank=R)
+    for k, v in expected.items():
+        torch.testing.assert_close(received[(2, 1)][k], v)
+    assert strategy.node_ranks == {1: 1}
+    # round 2's aggregate is the svd of node 1's padded reply and node 2's, by hand
+    sent = out[1].to_torch_state_dict()
+    padded = pad_to_rank(replies_by_round[2][1], sent, rank=1, global_rank=R)
+    arrays, _, _ = aggregate_lora([padded, replies_by_round[2][2]], [10.0, 10.0], mode="svd")
+    for k, v in arrays.items():
+        torch.testing.assert_close(torch.from_numpy(out[2][k].numpy()), v)
+    assert sum(strategy.traffic.rejected.values()) == 0
+
+    # a rank-1 reply that declares rank 2 is not padded: the guard rejects its shapes
+    def liar(msg: Message) -> Message:
+        reply = answer(msg)
+        reply.content["metrics"]["lora-r"] = 2
+        return reply
+
+    strategy = build_strategy(cfg)
+    strategy.start(grid=EchoGrid([1, 2], liar), initial_arrays=_initial(), num_rounds=1,
+                   train_config=ConfigRecord(), evaluate_fn=lambda r, a: None)
+    assert sum(strategy.traffic.rejected.values()) == 1 and strategy.node_ranks == {}
