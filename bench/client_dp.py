@@ -11,8 +11,9 @@ multiplier that spends epsilon 8 over the run's rounds (``common.dp.noise_for_re
 Opacus' RDP accountant, no amplification claimed: server/privacy.py says why), at
 clipping norms of 1/16, 1/4, 1 and 4 times the median client update norm measured in
 the first baseline. Optionally (``--what-if``), runs whose noise on the mean is that of N
-clients per round at epsilon 8 (noise multiplier z x n / N with n clients): what the
-theory says a larger federation would keep, at this run's much larger epsilon.
+clients per round at epsilon 8 (noise multiplier z x n / N with n clients): as far as
+the noise goes, what a federation of N per round would keep at epsilon 8 (these runs'
+own epsilon is much larger).
 
 Every run is fedtune's ServerApp and ClientApp in one process (bench/inproc.py): the
 server-side wrapper lives in the strategy, so it runs there; the client-side modes
@@ -22,8 +23,8 @@ global adapter sent) and the global step, so the report gives the update norms, 
 share clipped, and the noise norm actually added. Writes its own section of
 docs/privacy-bench.md (bench/privacy.py keeps it).
 
-    python bench/client_dp.py                       # ~35 min on one loaded CPU core
-    python bench/client_dp.py --what-if 400,2000    # + two runs at the noise of N clients
+    python bench/client_dp.py                       # ~30 min on one loaded CPU core
+    python bench/client_dp.py --what-if 100,400     # + two runs at the noise of N clients
     python bench/client_dp.py --report-only         # the report from the saved runs
 """
 
@@ -224,7 +225,8 @@ def report(results: dict, args, z: float, clips: list[float]) -> list[str]:
     dtype = resolve_dtype("auto", resolve_device("auto"), dp_sgd=False)
     lines = [
         "## Client-level DP on 50 clients (bench/client_dp.py)", "",
-        "Measured by `python bench/client_dp.py" + (f" --what-if {args.what_if}" if args.what_if else "")
+        "Measured by `python bench/client_dp.py"
+        + (f" --what-if {args.what_if}" if args.what_if else "")
         + (f" --rounds {args.rounds}" if args.rounds != 4 else "") + f"` on {today()}, "
         f"{machine()}, shared with other jobs (1-minute load {next(iter(results.values()))['load']} "
         "at the first run's end), one torch thread, dtype auto "
@@ -309,9 +311,9 @@ def report(results: dict, args, z: float, clips: list[float]) -> list[str]:
     if what_if:
         lines += [
             "The loss is less strict than that bound: "
-            + "; ".join(f"with the noise on the mean of {round(z * results[k]['n'] / results[k]['noise'])} clients "
-                        f"per round (noise norm {math.sqrt(d) * results[k]['noise'] / results[k]['n']:.1f} C) "
-                        f"the run kept {kept[k]:.0%}" for k in what_if)
+            + "; ".join(f"with the noise on the mean of {round(z * r['n'] / r['noise'])} "
+                        f"clients per round (noise norm {math.sqrt(d) * r['noise'] / r['n']:.1f} C) "
+                        f"the run kept {kept[k]:.0%}" for k, r in ((k, results[k]) for k in what_if))
             + " (their own epsilon is far above 8: these rows show what a federation of that "
             "many clients per round would keep at epsilon 8, not a private run here). Noise "
             "in random directions of d dimensions moves the loss at second order, the mean "
