@@ -48,9 +48,10 @@ class InProcessGrid:
         return replies
 
 
-def run_federation(overrides: Mapping[str, Any]) -> RunConfig:
+def run_federation(overrides: Mapping[str, Any], *, grid: type = InProcessGrid) -> RunConfig:
     """One federated run with the defaults plus ``overrides`` (kebab-case keys); its run
-    folder is ``overrides['run-dir']``. Returns the resolved config."""
+    folder is ``overrides['run-dir']``. ``grid``: an InProcessGrid subclass (a bench that
+    watches the messages). Returns the resolved config."""
     from flwr.supercore.task_identity import TaskIdentity
 
     from server.app import main
@@ -60,7 +61,7 @@ def run_federation(overrides: Mapping[str, Any]) -> RunConfig:
     fresh_adapter(cfg)
     # Messages built outside a running Flower app need the identity Flower sets per run.
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    main(InProcessGrid(cfg, run_config), Context(run_id=1, node_id=0, node_config={},
+    main(grid(cfg, run_config), Context(run_id=1, node_id=0, node_config={},
                                                   state=RecordDict(), run_config=run_config))
     return cfg
 

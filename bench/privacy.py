@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import threading
@@ -217,7 +218,11 @@ def write_report(results: dict, cost: dict, s: dict, args, out: Path) -> None:
         "with other jobs, one torch thread (absolute times drift; ratios are measured in the "
         "same run). The utility sweep was not run in this measurement.", ""]
     lines += _cost_lines(cost)
-    (out / "privacy-bench.md").write_text("\n".join(lines))
+    path = out / "privacy-bench.md"
+    # bench/client_dp.py's section (client-level DP) is its own: keep it.
+    sections = re.findall(r"<!-- section:.*?<!-- end:[^>]*-->",
+                          path.read_text() if path.exists() else "", re.S)
+    path.write_text("\n".join(lines + sections) + ("\n" if sections else ""))
 
 
 def _utility_lines(results: dict, s: dict, args) -> list[str]:

@@ -27,14 +27,14 @@ def today() -> str:
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
 
 
-def write_section(name: str, lines: list[str]) -> None:
-    """Replace (or append) the section ``name`` of docs/benchmarks.md."""
+def write_section(name: str, lines: list[str], doc: Path = DOC) -> None:
+    """Replace (or append) the section ``name`` of ``doc`` (docs/benchmarks.md)."""
     start, end = f"<!-- section:{name} -->", f"<!-- end:{name} -->"
     block = "\n".join([start, *lines, end])
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    DOC.write_text(text)
+    doc.write_text(text)
 
 
 def plt():

@@ -373,5 +373,24 @@ def gaussian_epsilon(noise_multiplier: float, releases: int, delta: float,
     return Accountant([(noise_multiplier, sample_rate, releases)]).epsilon(delta)
 
 
+def noise_for_releases(epsilon: float, releases: int, delta: float) -> float:
+    """The noise multiplier z (noise std / sensitivity) at which ``releases`` Gaussian
+    releases without subsampling spend at most ``epsilon`` at ``delta``: the inverse of
+    :func:`gaussian_epsilon`, for client-level DP, where each round is one release at
+    the configured 'client-dp-noise-multiplier' (``server/privacy.py`` says why no
+    amplification by subsampling is claimed). Opacus' ``get_noise_multiplier`` (RDP
+    accountant, sample rate 1) bisects it, to within 0.01 of ``epsilon``.
+
+    Raises ValueError for an epsilon or delta out of range or fewer than one release.
+    """
+    from opacus.accountants.utils import get_noise_multiplier
+
+    if not epsilon > 0 or not 0 < delta < 1 or releases < 1:
+        raise ValueError(f"noise_for_releases needs epsilon > 0, 0 < delta < 1 and "
+                         f"releases >= 1, got {epsilon}, {delta}, {releases}")
+    return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta,
+                                      sample_rate=1.0, steps=releases, accountant="rdp"))
+
+
 # The error code of a train reply refused for the budget (Flower's own codes are < 100).
 DP_REFUSAL_CODE = 4001
