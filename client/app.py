@@ -74,8 +74,11 @@ def _prepare(msg: Message, context: Context):
     cfg = config_from_run_config(context.run_config)
     setup_process(cfg.num_threads)
     rank = _client_rank(context, cfg)
-    # a lower rank is its own cached model; the global adapter is truncated to it
-    local_cfg = cfg if rank == cfg.lora_r else cfg.replace(lora_r=rank, client_lora_ranks="")
+    # a lower rank is its own cached model, at the global scaling alpha / R (its alpha is
+    # alpha * r / R: common/lora_aggregation.py truncate_to_rank says why); the global
+    # adapter is truncated to it
+    local_cfg = cfg if rank == cfg.lora_r else cfg.replace(
+        lora_r=rank, lora_alpha=cfg.lora_alpha * rank / cfg.lora_r, client_lora_ranks="")
     model, tokenizer = get_model(local_cfg), load_tokenizer(cfg.model)  # cached per process
     # Decoded to float32; loading casts to the model's dtype, which training uses.
     state = _global_state(msg)

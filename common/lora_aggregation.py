@@ -288,31 +288,30 @@ def aggregate_lora(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequen
 def truncate_to_rank(state: Mapping[str, torch.Tensor], *, rank: int,
                      global_rank: int) -> dict[str, torch.Tensor]:
     """The client's rank-``rank`` adapter from the global rank-R one: the first r columns
-    of B (scaled by r / R, since peft's scaling is alpha / rank) and rows of A, so the
-    client's scaled update (alpha/r) B_r A_r equals the global's first r components. With
-    ``lora-aggregation svd`` the global factors are SVD-ordered, so this is the best
+    of B and rows of A. A client at rank r trains with lora-alpha * r / R, so its
+    scaling alpha_r / r equals the global alpha / R: its update is the global's first r
+    components, and its steps move the product as fast as a rank-R client's (with one
+    alpha for all ranks, a rank-r client's Adam steps would move it R / r times faster).
+    With ``lora-aggregation svd`` the global factors are SVD-ordered, so this is the best
     rank-r approximation of the global update (FlexLoRA's redistribution, arXiv 2402.11505).
     Other tensors pass through. Raises ValueError unless 1 <= rank <= global_rank."""
     _check_ranks(rank, global_rank)
     out = dict(state)
     for layer in lora_pairs(state):
-        out[layer + B_SUFFIX] = state[layer + B_SUFFIX][:, :rank] * (rank / global_rank)
+        out[layer + B_SUFFIX] = state[layer + B_SUFFIX][:, :rank].clone()
         out[layer + A_SUFFIX] = state[layer + A_SUFFIX][:rank].clone()
     return out
 
 
 def pad_to_rank(state: Mapping[str, torch.Tensor], sent: Mapping[str, torch.Tensor], *,
                 rank: int, global_rank: int) -> dict[str, torch.Tensor]:
-    """The inverse for the reply: B = [B_r R/r, sent B's other columns], A = [A_r; 0], so
-    (alpha/R) B A = (alpha/r) B_r A_r, in the global shapes the server checks. The padding
-    travels (and is counted) like the rest: a low-rank client saves memory and compute,
-    not uplink bytes."""
+    """The inverse, for a rank-r reply: B = [B_r, sent B's other columns], A = [A_r; 0],
+    so B A = B_r A_r (the same scaling alpha / R applies to both), in the global shapes."""
     _check_ranks(rank, global_rank)
     out = dict(state)
     for layer in lora_pairs(state):
         b, a = state[layer + B_SUFFIX], state[layer + A_SUFFIX]
-        out[layer + B_SUFFIX] = torch.cat([b * (global_rank / rank),
-                                           sent[layer + B_SUFFIX][:, rank:].to(b.dtype)], dim=1)
+        out[layer + B_SUFFIX] = torch.cat([b, sent[layer + B_SUFFIX][:, rank:].to(b.dtype)], dim=1)
         out[layer + A_SUFFIX] = torch.cat([a, a.new_zeros(global_rank - rank, a.shape[1])])
     return out
 

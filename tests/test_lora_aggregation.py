@@ -275,15 +275,16 @@ def test_truncate_and_pad_keep_each_clients_scaled_update():
             "m.lora_A.weight": torch.randn(big, K, generator=g), "head": torch.ones(2)}
     local = truncate_to_rank(sent, rank=small, global_rank=big)
     assert local["m.lora_B.weight"].shape == (D, small) and local["head"] is sent["head"]
-    # the client's update (1/r) B_r A_r is the global's first r components, (1/R) B[:, :r] A[:r]
-    torch.testing.assert_close(local["m.lora_B.weight"] @ local["m.lora_A.weight"] / small,
-                               sent["m.lora_B.weight"][:, :small] @ sent["m.lora_A.weight"][:small] / big)
+    # one scaling alpha / R for every rank: the client's B_r A_r is the global's first r
+    # components B[:, :r] A[:r]
+    torch.testing.assert_close(local["m.lora_B.weight"] @ local["m.lora_A.weight"],
+                               sent["m.lora_B.weight"][:, :small] @ sent["m.lora_A.weight"][:small])
     trained = {"m.lora_B.weight": torch.randn(D, small, generator=g),
                "m.lora_A.weight": torch.randn(small, K, generator=g), "head": torch.ones(2)}
     reply = pad_to_rank(trained, sent, rank=small, global_rank=big)
     assert reply["m.lora_A.weight"].shape == (big, K)
-    torch.testing.assert_close(reply["m.lora_B.weight"] @ reply["m.lora_A.weight"] / big,
-                               trained["m.lora_B.weight"] @ trained["m.lora_A.weight"] / small)
+    torch.testing.assert_close(reply["m.lora_B.weight"] @ reply["m.lora_A.weight"],
+                               trained["m.lora_B.weight"] @ trained["m.lora_A.weight"])
     with pytest.raises(ValueError, match="client LoRA rank 8 must be in"):
         truncate_to_rank(sent, rank=8, global_rank=big)
 
@@ -299,12 +300,12 @@ def test_mixed_ranks_aggregate_to_the_hand_computed_truncated_mean():
                 "m.lora_A.weight": torch.randn(r, K, generator=g)} for r in ranks]
     replies = [pad_to_rank(c, sent, rank=r, global_rank=big) for c, r in zip(clients, ranks)]
     arrays, _, stats = aggregate_lora(replies, weights, mode="svd")
-    # by hand: the weighted mean of the clients' scaled updates (1/r_i) B_i A_i, best rank R
+    # by hand: the weighted mean of the clients' updates B_i A_i (one scaling), best rank R
     w = np.array(weights) / sum(weights)
-    mean = sum(wi * (c["m.lora_B.weight"].double() @ c["m.lora_A.weight"].double()).numpy() / r
+    mean = sum(wi * (c["m.lora_B.weight"].double() @ c["m.lora_A.weight"].double()).numpy()
                for wi, c, r in zip(w, clients, ranks))
     u, s, vt = np.linalg.svd(mean)
-    got = (arrays["m.lora_B.weight"].double() @ arrays["m.lora_A.weight"].double()).numpy() / big
+    got = (arrays["m.lora_B.weight"].double() @ arrays["m.lora_A.weight"].double()).numpy()
     np.testing.assert_allclose(got, (u[:, :big] * s[:big]) @ vt[:big], rtol=1e-4, atol=1e-5)
     expected = math.sqrt(np.sum(s[big:] ** 2)) / np.linalg.norm(mean)
     assert stats["applied-error-max"] == pytest.approx(expected, rel=1e-5)
