@@ -168,16 +168,20 @@ def round_sig(x: float, digits: int = 2) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--clients", default="10,20", help="clients per round, comma separated")
     parser.add_argument("--epsilon", type=float, default=8.0)
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--what-if", default="", help="N,...: runs with the noise on the mean "
                         "of N clients per round at --epsilon (with the fewest clients, middle clip)")
-    parser.add_argument("--report-only", action="store_true")
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-client-dp")
-    parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "privacy-bench.md")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite the report from the saved runs in --out, training nothing "
+                             "(pass the same --what-if as the measuring run)")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-client-dp",
+                        help="folder of the saved runs (reused by a rerun)")
+    parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "privacy-bench.md",
+                        help="the markdown file whose client-level section is rewritten")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -201,7 +205,7 @@ def main() -> None:
         once(f"no client DP, {n} per round", overrides(n, args.rounds))
     first = results.get(f"no client DP, {sizes[0]} per round")
     if first is None:
-        raise SystemExit("no saved baseline run: run without --report-only first")
+        raise SystemExit(f"no saved baseline run in {args.out}: run without --report-only first")
     clips = [round_sig(f * first["round1-median-norm"]) for f in CLIP_FACTORS]
     for n in sizes:
         for clip in clips:

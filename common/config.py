@@ -501,10 +501,13 @@ class RunConfig:
     @property
     def client_rank_list(self) -> list[int]:
         """'client-lora-ranks' as ints (empty: every client trains at 'lora-r')."""
+        if not self.client_lora_ranks.strip():
+            return []
         try:
-            return [int(r) for r in self.client_lora_ranks.split(",") if r.strip()]
+            return [int(r) for r in self.client_lora_ranks.split(",")]
         except ValueError:
-            raise ValueError(f"config 'client-lora-ranks' must be comma separated integers, got "
+            raise ValueError(f"config 'client-lora-ranks' must be comma separated integers "
+                             f"(one per client, no empty entries), got "
                              f"{self.client_lora_ranks!r}") from None
 
     @property

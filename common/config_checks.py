@@ -136,9 +136,13 @@ def _check_lr_control(cfg: RunConfig) -> None:
 def _check_lora_aggregation(cfg: RunConfig) -> None:
     _check_choice("lora-aggregation", cfg.lora_aggregation, LORA_AGGREGATIONS)
     ranks = cfg.client_rank_list  # raises on a malformed list
-    if ranks and (len(ranks) != cfg.num_clients or not all(1 <= r <= cfg.lora_r for r in ranks)):
-        raise ValueError(f"config 'client-lora-ranks' {cfg.client_lora_ranks!r} needs one rank "
-                         f"per client ({cfg.num_clients}), each in [1, lora-r {cfg.lora_r}]")
+    if ranks and len(ranks) != cfg.num_clients:
+        raise ValueError(f"config 'client-lora-ranks' {cfg.client_lora_ranks!r} has {len(ranks)} "
+                         f"ranks for {cfg.num_clients} clients: give one rank per client")
+    if ranks and not all(1 <= r <= cfg.lora_r for r in ranks):
+        raise ValueError(f"config 'client-lora-ranks' {cfg.client_lora_ranks!r}: each rank must "
+                         f"be in [1, lora-r {cfg.lora_r}] (raise lora-r, the global rank, or "
+                         "lower the ranks)")
     if ranks and cfg.lora_aggregation != "svd":
         raise ValueError("config 'client-lora-ranks' needs 'lora-aggregation' svd: each "
                          "client's rank is a truncation of the SVD-ordered global factors")

@@ -42,6 +42,11 @@ import torch
 from common.config import RunConfig
 from common.data import IGNORE_INDEX, collate
 
+# Opacus' RDP accountant warns when the best order is at the end of its alpha grid: the
+# epsilon it returns is then a valid but looser upper bound. Printed between the plan
+# lines and by every Ray actor, it reads as an error; docs/privacy.md says what it means.
+warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest) alpha")
+
 
 @dataclass(frozen=True)
 class DPPlan:
@@ -104,9 +109,11 @@ def describe_plan(dp: DPPlan, *, num_examples: int, who: str) -> str:
     """One line of the plan, printed before training: the logical batch, sampling rate,
     steps, noise and the epsilon the planned steps spend (Opacus' RDP accountant)."""
     micro = dp.expected_batch_size / dp.micro_batches
+    capped = (f" (every example: the logical batch is capped at the {num_examples:,} the "
+              "client has)" if dp.sample_rate >= 1 else "")
     return (f"DP-SGD plan, {who}: {num_examples:,} examples, logical batch "
-            f"{dp.expected_batch_size} expected (sampling rate {dp.sample_rate:.4g}) in "
-            f"{dp.micro_batches} micro-batches of ~{micro:.0f}, {dp.planned_steps} steps, "
+            f"{dp.expected_batch_size} expected (sampling rate {dp.sample_rate:.4g}){capped} in "
+            f"{dp.micro_batches} micro-batches of ~{max(micro, 1):.0f}, {dp.planned_steps} steps, "
             f"noise multiplier {dp.noise_multiplier:.3g}, clip {dp.max_grad_norm:g}: epsilon "
             f"{Accountant().epsilon_after(dp, dp.planned_steps):.2f} at delta {dp.delta:g} "
             f"after the last planned step" + (f" (budget {dp.budget:g})" if dp.budget else ""))
@@ -385,11 +392,17 @@ def noise_for_releases(epsilon: float, releases: int, delta: float) -> float:
     """
     from opacus.accountants.utils import get_noise_multiplier
 
-    if not epsilon > 0 or not 0 < delta < 1 or releases < 1:
-        raise ValueError(f"noise_for_releases needs epsilon > 0, 0 < delta < 1 and "
-                         f"releases >= 1, got {epsilon}, {delta}, {releases}")
-    return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta,
-                                      sample_rate=1.0, steps=releases, accountant="rdp"))
+    if (not epsilon > 0 or not 0 < delta < 1 or isinstance(releases, bool)
+            or int(releases) != releases or releases < 1):
+        raise ValueError(f"noise_for_releases needs epsilon > 0, 0 < delta < 1 and a whole "
+                         f"number of releases >= 1, got {epsilon}, {delta}, {releases}")
+    try:
+        return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta,
+                                          sample_rate=1.0, steps=int(releases), accountant="rdp"))
+    except ValueError as err:  # Opacus: "The privacy budget is too low."
+        raise ValueError(f"no noise multiplier spends only epsilon {epsilon:g} at delta "
+                         f"{delta:g} over {releases} releases ({err}): raise epsilon or "
+                         "release fewer times") from None
 
 
 # The error code of a train reply refused for the budget (Flower's own codes are < 100).

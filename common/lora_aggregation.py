@@ -135,7 +135,8 @@ def svd_aggregate(bs: Sequence[torch.Tensor], as_: Sequence[torch.Tensor],
     B'G, G^-1 A' for any invertible r x r G) is not, and it is what the clients continue
     training from. Without ``align``: B' = U_r S_r / c, A' = c V_r^T with
     c = ||Ā||_F / sqrt(r), so A' keeps the naive mean's norm and its rows are ordered by
-    singular value (what heterogeneous ranks truncate). With ``align``: A' = T V_r^T with
+    singular value. With ``align`` (what the server applies; ``truncate_to_rank`` puts
+    the factors back in singular-value order for a lower-rank client): A' = T V_r^T with
     T = Ā V_r, i.e. Ā projected onto M's top-r row space, and B' = U_r S_r T^-1, so the
     factors stay next to the naive means (B̄, Ā) that the clients' optimisers were
     moving, and only the product is corrected (falls back to the first gauge when T's
@@ -294,12 +295,20 @@ def truncate_to_rank(state: Mapping[str, torch.Tensor], *, rank: int,
     alpha for all ranks, a rank-r client's Adam steps would move it R / r times faster).
     With ``lora-aggregation svd`` the global factors are SVD-ordered, so this is the best
     rank-r approximation of the global update (FlexLoRA's redistribution, arXiv 2402.11505).
+    The global factors are first put in singular-value order (B = U S / c, A = c V^T,
+    c = ||A||_F / sqrt(R), the same product), so the first r components are the best
+    rank-r approximation of the global update (Eckart-Young; FlexLoRA's redistribution,
+    arXiv 2402.11505) whatever gauge the server's aggregate came in (svd aligns it with
+    the naive means; another mode's, or a resumed run's, is in no particular order).
     Other tensors pass through. Raises ValueError unless 1 <= rank <= global_rank."""
     _check_ranks(rank, global_rank)
     out = dict(state)
     for layer in lora_pairs(state):
-        out[layer + B_SUFFIX] = state[layer + B_SUFFIX][:, :rank].clone()
-        out[layer + A_SUFFIX] = state[layer + A_SUFFIX][:rank].clone()
+        b, a = state[layer + B_SUFFIX], state[layer + A_SUFFIX]
+        u, s, v = lowrank_svd(b, a)
+        c = float(torch.linalg.norm(a.double())) / math.sqrt(global_rank) or 1.0
+        out[layer + B_SUFFIX] = (u[:, :rank] * (s[:rank] / c)).to(b.dtype)
+        out[layer + A_SUFFIX] = (c * v[:, :rank].T).contiguous().to(a.dtype)
     return out
 
 

@@ -239,15 +239,26 @@ def check_privacy_plan(cfg: RunConfig, data, *, show: bool = True) -> None:
         from common.model import resolve_device
 
         if show and resolve_device(cfg.device).type == "cpu":
-            # The default plan is sized for a GPU; on a CPU it runs for hours: say so first.
+            # The default plan is sized for a GPU; on a CPU it can run for hours: say so.
+            from common.model import BUILTIN_MODEL
+
+            cost = ""
+            if cfg.model == BUILTIN_MODEL:  # measured: docs/privacy-bench.md, 2 cores
+                cost = (f": for the built-in model about {_duration(examples * 0.4)} to "
+                        f"{_duration(examples * 2.0)} on 2 cores (0.4 to 2 s per example, "
+                        "docs/privacy.md)")
             say(f"fedtune: DP-SGD computes per-sample gradients in float32 for up to "
-                f"{examples:,} examples here, on the CPU: expect hours (about 2 s per "
-                "example on 2 cores, docs/privacy-bench.md); lower --grad-accum or "
-                "--local-steps for a shorter run, at some utility (docs/privacy.md)")
+                f"{examples:,} examples on the CPU{cost}; lower --grad-accum (the logical "
+                "batch) or --local-steps for a shorter run, at some utility (docs/privacy.md)")
     if cfg.client_dp != "off":
         from server.strategies import build_strategy
 
         build_strategy(cfg)  # Flower's wrappers check their own settings
+
+
+def _duration(seconds: float) -> str:
+    """'40 min' or '3.2 h'."""
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def simulate(cfg: RunConfig, *, verbose: bool = False) -> int:

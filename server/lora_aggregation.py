@@ -51,15 +51,9 @@ class LoraAggregationMixin:
     """Measures the aggregation error and applies ``lora-aggregation``. Bases order:
     ``class X(ResumableMixin, GuardMixin, LoraAggregationMixin, FlowerStrategy)``."""
 
-    def __init__(self, *, lora_aggregation: str = "naive", heterogeneous_ranks: bool = False,
-                 **kwargs):
+    def __init__(self, *, lora_aggregation: str = "naive", **kwargs):
         super().__init__(**kwargs)
         self.lora_aggregation = lora_aggregation
-        # svd: factors aligned with the naive means, unless clients truncate them by rank
-        self.svd_align = not heterogeneous_ranks
-        import os  # EXPERIMENT
-        if os.environ.get("FEDTUNE_SVD_ALIGN") == "0":
-            self.svd_align = False
         self.residual: dict[str, torch.Tensor] = {}  # exact: cumulative residual factors
         self.aggregation_stats: dict[str, float] = {}  # this round's, for the history
         self.node_ranks: dict[int, int] = {}  # heterogeneous ranks: node id -> its rank < R
@@ -95,8 +89,7 @@ class LoraAggregationMixin:
             sent = self.global_arrays.to_torch_state_dict()
         lora, residual, self.aggregation_stats = aggregate_lora(
             states, weights, mode=self.lora_aggregation, residual=self.residual,
-            sent=sent, factor=trained_factor(server_round),
-            align=self.svd_align and _all_full_rank(valid, states))
+            sent=sent, factor=trained_factor(server_round), align=True)
         if self.lora_aggregation == "naive":
             return arrays, metrics
         if self.lora_aggregation == "exact":
@@ -166,14 +159,6 @@ def _truncated_shape(key: str, shape: tuple, rank: int) -> tuple:
     if key.endswith(B_SUFFIX):
         return (*shape[:-1], rank)
     return shape
-
-
-def _all_full_rank(replies: list[Message], states: list[dict]) -> bool:
-    """No reply reports a LoRA rank below the global one (a deployed SuperNode's
-    node-config 'lora-r'): svd then keeps the singular-value order such clients truncate."""
-    global_rank = next((t.shape[0] for k, t in states[0].items() if k.endswith(".lora_A.weight")), 0)
-    return all(int(r.content[METRICS_KEY].get("lora-r", global_rank)) >= global_rank
-               for r in replies)
 
 
 def _client_order(reply: Message) -> tuple[float, int]:

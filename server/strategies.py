@@ -304,7 +304,6 @@ def _build_strategy(cfg: RunConfig):
         guard=UpdateGuard.from_config(cfg),
         transport_dtype=cfg.transport_dtype,
         lora_aggregation=cfg.lora_aggregation,
-        heterogeneous_ranks=bool(cfg.client_rank_list),
     )
     robust = build_robust_strategy(cfg, common)
     if robust is not None:

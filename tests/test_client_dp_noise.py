@@ -24,7 +24,13 @@ def test_more_rounds_need_more_noise():
     assert noise_for_releases(8.0, 8, 1e-5) > noise_for_releases(8.0, 4, 1e-5)
 
 
-@pytest.mark.parametrize("args", [(0.0, 4, 1e-5), (8.0, 0, 1e-5), (8.0, 4, 1.0)])
+@pytest.mark.parametrize("args", [(0.0, 4, 1e-5), (8.0, 0, 1e-5), (8.0, 4, 1.0), (8.0, 2.5, 1e-5)])
 def test_bad_input_is_one_error(args):
     with pytest.raises(ValueError, match="noise_for_releases"):
         noise_for_releases(*args)
+
+
+def test_an_unreachable_epsilon_says_what_to_change():
+    with pytest.raises(ValueError, match="raise epsilon or release fewer times") as err:
+        noise_for_releases(0.01, 4, 1e-5)
+    assert "\n" not in str(err.value)
