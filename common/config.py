@@ -346,7 +346,9 @@ class RunConfig:
     client_lora_ranks: str = _opt(
         "Heterogeneous LoRA ranks in simulation: comma separated rank per partition, each "
         "<= lora-r (the global rank), e.g. '4,8,16,16' with --lora-r 16 (empty: all lora-r). "
-        "A deployed SuperNode sets node-config 'lora-r' instead. Needs lora-aggregation svd.",
+        "A deployed SuperNode sets node-config 'lora-r' instead. A rank-r client trains with "
+        "lora-alpha * r / lora-r (the global scaling) and sends and receives its own rank. "
+        "Needs lora-aggregation svd.",
         default="",
     )
     # --- update validation (server/validation.py) ---------------------------------
