@@ -111,9 +111,11 @@ def describe_plan(dp: DPPlan, *, num_examples: int, who: str) -> str:
     micro = dp.expected_batch_size / dp.micro_batches
     capped = (f" (every example: the logical batch is capped at the {num_examples:,} the "
               "client has)" if dp.sample_rate >= 1 else "")
+    empty = ", most of them empty: lower grad-accum" if micro < 1 else ""
     return (f"DP-SGD plan, {who}: {num_examples:,} examples, logical batch "
             f"{dp.expected_batch_size} expected (sampling rate {dp.sample_rate:.4g}){capped} in "
-            f"{dp.micro_batches} micro-batches of ~{max(micro, 1):.0f}, {dp.planned_steps} steps, "
+            f"{dp.micro_batches} micro-batches of ~{max(micro, 1):.0f}{empty}, "
+            f"{dp.planned_steps} steps, "
             f"noise multiplier {dp.noise_multiplier:.3g}, clip {dp.max_grad_norm:g}: epsilon "
             f"{Accountant().epsilon_after(dp, dp.planned_steps):.2f} at delta {dp.delta:g} "
             f"after the last planned step" + (f" (budget {dp.budget:g})" if dp.budget else ""))
@@ -394,8 +396,9 @@ def noise_for_releases(epsilon: float, releases: int, delta: float) -> float:
 
     if (not epsilon > 0 or not 0 < delta < 1 or isinstance(releases, bool)
             or int(releases) != releases or releases < 1):
-        raise ValueError(f"noise_for_releases needs epsilon > 0, 0 < delta < 1 and a whole "
-                         f"number of releases >= 1, got {epsilon}, {delta}, {releases}")
+        raise ValueError(f"noise_for_releases needs epsilon > 0, a whole number of releases "
+                         f">= 1 and 0 < delta < 1, got epsilon {epsilon}, releases {releases}, "
+                         f"delta {delta}")
     try:
         return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta,
                                           sample_rate=1.0, steps=int(releases), accountant="rdp"))

@@ -293,8 +293,6 @@ def truncate_to_rank(state: Mapping[str, torch.Tensor], *, rank: int,
     scaling alpha_r / r equals the global alpha / R: its update is the global's first r
     components, and its steps move the product as fast as a rank-R client's (with one
     alpha for all ranks, a rank-r client's Adam steps would move it R / r times faster).
-    With ``lora-aggregation svd`` the global factors are SVD-ordered, so this is the best
-    rank-r approximation of the global update (FlexLoRA's redistribution, arXiv 2402.11505).
     The global factors are first put in singular-value order (B = U S / c, A = c V^T,
     c = ||A||_F / sqrt(R), the same product), so the first r components are the best
     rank-r approximation of the global update (Eckart-Young; FlexLoRA's redistribution,
