@@ -348,7 +348,8 @@ def test_a_real_run_with_mixed_ranks(tiny_model_dir, tiny_dataset, tmp_path):
     # rank 2; every reply is at the client's own rank
     by = {(c["round"], c["partition-id"]): c for c in clients}
     assert by[(2, 0)]["bytes-sent"] < 0.8 * by[(2, 1)]["bytes-sent"]
-    assert by[(1, 0)]["bytes-sent"] == by[(1, 1)]["bytes-sent"]
+    # (the same content; the message headers differ by the random node ids' varint size)
+    assert abs(by[(1, 0)]["bytes-sent"] - by[(1, 1)]["bytes-sent"]) <= 16
     assert all(by[(r, 0)]["bytes-received"] < 0.8 * by[(r, 1)]["bytes-received"] for r in (1, 2))
     assert sum(c["bytes-sent"] for c in clients if c["round"] == 2) == rows[2]["bytes-sent"]
 
