@@ -16,7 +16,7 @@ from common.config import (
 from common.dp import DP_REFUSAL_CODE, BudgetExhausted
 from common.data import batches_forever, local_examples, partition_examples
 from common.lora_aggregation import (
-    A_SUFFIX, LORA_RESIDUAL_KEY, TRAIN_FACTOR_KEY, set_residual, set_trained_factor,
+    LORA_RESIDUAL_KEY, TRAIN_FACTOR_KEY, lora_rank, set_residual, set_trained_factor,
     truncate_to_rank,
 )
 from common.model import adapter_state, get_model, load_tokenizer, set_adapter_state
@@ -65,11 +65,6 @@ def _client_rank(context: Context, cfg: RunConfig) -> int:
     return ranks[int(node["partition-id"])] if ranks and "partition-id" in node else cfg.lora_r
 
 
-def _rank_of(state: dict) -> int:
-    """The LoRA rank of an adapter state (rows of its first A matrix; 0: none)."""
-    return next((t.shape[0] for k, t in state.items() if k.endswith(A_SUFFIX)), 0)
-
-
 def _prepare(msg: Message, context: Context):
     cfg = config_from_run_config(context.run_config)
     setup_process(cfg.num_threads)
@@ -82,7 +77,7 @@ def _prepare(msg: Message, context: Context):
     model, tokenizer = get_model(local_cfg), load_tokenizer(cfg.model)  # cached per process
     # Decoded to float32; loading casts to the model's dtype, which training uses.
     state = _global_state(msg)
-    if rank != cfg.lora_r and _rank_of(state) != rank:  # the server may send our rank already
+    if rank != cfg.lora_r and lora_rank(state) != rank:  # the server may send our rank already
         state = truncate_to_rank(state, rank=rank, global_rank=cfg.lora_r)
     set_adapter_state(model, state)
     # lora-aggregation exact: the server's residual joins the frozen weights (or none)

@@ -58,6 +58,12 @@ class LayerResult:
     residual: tuple[torch.Tensor, torch.Tensor] | None = None  # exact: (P d x m, Q m x k)
 
 
+def lora_rank(state: Mapping) -> int:
+    """The LoRA rank of an adapter (tensors or Flower Arrays by name): the rows of its
+    first A matrix; 0 without one (e.g. FFA-LoRA's wire state)."""
+    return next((int(v.shape[0]) for k, v in state.items() if k.endswith(A_SUFFIX)), 0)
+
+
 def lora_pairs(keys) -> list[str]:
     """The layer prefixes ``X`` with both ``X.lora_A.weight`` and ``X.lora_B.weight``."""
     keys = set(keys)
@@ -254,9 +260,8 @@ def aggregate_lora(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequen
                 as_ = [sent[frozen].to(as_[0].dtype)] * len(as_)
             else:
                 bs = [sent[frozen].to(bs[0].dtype)] * len(bs)
-            w = normalized_weights(weights)
-            mean = lambda ts: sum(wi * t.double() for wi, t in zip(w, ts)).float()  # noqa: E731
-            arrays[layer + B_SUFFIX], arrays[layer + A_SUFFIX] = mean(bs), mean(as_)
+            _, _, b_mean, a_mean, _, _ = _stacks(bs, as_, normalized_weights(weights))
+            arrays[layer + B_SUFFIX], arrays[layer + A_SUFFIX] = b_mean.float(), a_mean.float()
             arrays[frozen] = sent[frozen].float()
             continue
         if mode == "naive":

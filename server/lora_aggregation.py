@@ -39,8 +39,8 @@ from flwr.serverapp import Grid
 
 from common.config import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
 from common.lora_aggregation import (
-    A_SUFFIX, B_SUFFIX, LORA_RESIDUAL_KEY, TRAIN_FACTOR_KEY, aggregate_lora, pad_to_rank, trained_factor,
-    truncate_to_rank,
+    A_SUFFIX, B_SUFFIX, LORA_RESIDUAL_KEY, TRAIN_FACTOR_KEY, aggregate_lora, lora_rank,
+    pad_to_rank, trained_factor, truncate_to_rank,
 )
 from common.transport import decode_state, encode_state
 
@@ -107,7 +107,7 @@ class LoraAggregationMixin:
             return None
         if rank not in self._by_rank:
             state = truncate_to_rank(self.global_arrays.to_torch_state_dict(), rank=rank,
-                                     global_rank=_rank_of(self.global_arrays))
+                                     global_rank=lora_rank(self.global_arrays))
             wire = encode_state(state, self.transport_dtype)
             self._by_rank[rank] = ArrayRecord({k: Array(v) for k, v in wire.items()})
         return self._by_rank[rank]
@@ -119,7 +119,7 @@ class LoraAggregationMixin:
         if reply.has_error() or ARRAYS_KEY not in reply.content.array_records:
             return reply
         arrays = reply.content[ARRAYS_KEY]
-        rank, global_rank = _rank_of(arrays), _rank_of(self.global_arrays)
+        rank, global_rank = lora_rank(arrays), lora_rank(self.global_arrays)
         node = reply.metadata.src_node_id
         if not 0 < rank < global_rank:
             self.node_ranks.pop(node, None)
@@ -145,11 +145,6 @@ class LoraAggregationMixin:
     def load_lora_residual_state(self, state: dict[str, dict[str, np.ndarray]]) -> None:
         self.residual = {k: torch.from_numpy(np.ascontiguousarray(v))
                          for k, v in state.get(RESIDUAL_GROUP, {}).items()}
-
-
-def _rank_of(arrays: ArrayRecord) -> int:
-    """The LoRA rank of an adapter record (rows of its first A matrix; 0: none)."""
-    return next((arrays[k].shape[0] for k in arrays if k.endswith(A_SUFFIX)), 0)
 
 
 def _truncated_shape(key: str, shape: tuple, rank: int) -> tuple:

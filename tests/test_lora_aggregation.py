@@ -330,16 +330,21 @@ def test_heterogeneous_rank_config_refusals(values, match):
                      lora_aggregation="svd").client_rank_list == [2, 4]
 
 
-def test_a_real_run_with_mixed_ranks(tiny_model_dir, tiny_dataset, tmp_path):
+def _tiny_simulate(tiny_model_dir, tiny_dataset, run, *flags):
+    """A 2-client, 2-round `fedtune simulate` of the tiny model at LoRA r 4, plus ``flags``."""
     from tests.test_cli import fedtune
 
-    run = tmp_path / "mixed"
     result = fedtune("simulate", "--model", str(tiny_model_dir), "--dataset", str(tiny_dataset),
                      "--categories", "", "--num-clients", "2", "--local-steps", "2",
                      "--batch-size", "4", "--eval-examples", "8", "--max-length", "64",
-                     "--lora-r", "4", "--client-lora-ranks", "2,4", "--lora-aggregation", "svd",
-                     "--num-server-rounds", "2", "--run-dir", str(run))
+                     "--lora-r", "4", *flags, "--num-server-rounds", "2", "--run-dir", str(run))
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+
+
+def test_a_real_run_with_mixed_ranks(tiny_model_dir, tiny_dataset, tmp_path):
+    run = tmp_path / "mixed"
+    _tiny_simulate(tiny_model_dir, tiny_dataset, run,
+                   "--client-lora-ranks", "2,4", "--lora-aggregation", "svd")
     clients = [json.loads(l) for l in (run / "clients.jsonl").read_text().splitlines()]
     assert sorted((c["partition-id"], c["lora-r"]) for c in clients) == [(0, 2), (0, 2), (1, 4), (1, 4)]
     rows = [json.loads(l) for l in (run / "history.jsonl").read_text().splitlines()]
@@ -449,15 +454,9 @@ def test_set_trained_factor_freezes_the_other_factor_in_training(tiny_cfg):
 
 
 def test_a_real_alternating_run_is_exact(tiny_model_dir, tiny_dataset, tmp_path):
-    from tests.test_cli import fedtune
-
     run = tmp_path / "alt"
-    result = fedtune("simulate", "--model", str(tiny_model_dir), "--dataset", str(tiny_dataset),
-                     "--categories", "", "--num-clients", "2", "--local-steps", "2",
-                     "--batch-size", "4", "--eval-examples", "8", "--max-length", "64",
-                     "--lora-r", "4", "--lora-aggregation", "alternating", "--dtype", "float32",
-                     "--num-server-rounds", "2", "--run-dir", str(run))
-    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    _tiny_simulate(tiny_model_dir, tiny_dataset, run,
+                   "--lora-aggregation", "alternating", "--dtype", "float32")
     rows = [json.loads(l) for l in (run / "history.jsonl").read_text().splitlines()]
     assert all(r["aggregated"] == 1 and r["agg-error-max"] < 1e-9 for r in rows[1:])
 
