@@ -244,9 +244,8 @@ def check_privacy_plan(cfg: RunConfig, data, *, show: bool = True) -> None:
 
             cost = ""
             if cfg.model == BUILTIN_MODEL:  # measured: docs/privacy-bench.md, 2 cores
-                cost = (f": for the built-in model about {_duration(examples * 0.4)} to "
-                        f"{_duration(examples * 2.0)} on 2 cores (0.4 to 2 s per example, "
-                        "docs/privacy.md)")
+                cost = (f": for the built-in model up to about {_duration(examples * 2.0)} "
+                        "on 2 cores (2 s per example, docs/privacy.md)")
             say(f"fedtune: DP-SGD computes per-sample gradients in float32 for up to "
                 f"{examples:,} examples on the CPU{cost}; lower --grad-accum (the logical "
                 "batch) or --local-steps for a shorter run, at some utility (docs/privacy.md)")
