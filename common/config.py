@@ -135,6 +135,12 @@ class RunConfig:
         "clients, one lexicographer category each), for any other dataset all.",
         default="auto",
     )
+    meta_test_categories: str = _opt(
+        "Comma separated values of the partition column held out of every client, the "
+        "held-out split and the validation split: the unseen tasks on which `fedtune "
+        "personalize` measures k-shot adaptation (empty: none).",
+        default="",
+    )
     partitioner: str = _opt(f"One of {PARTITIONERS}.", default="natural")
     partition_by: str = _opt(
         "Column for the natural and Dirichlet partitioners.", default="category"
@@ -489,6 +495,11 @@ class RunConfig:
         if categories.strip() == "auto":
             categories = WORDNET_CATEGORIES if self.dataset == BUILTIN_DATASET else ""
         return [c.strip() for c in categories.split(",") if c.strip()]
+
+    @property
+    def meta_test_category_list(self) -> list[str]:
+        """'meta-test-categories' as a list (empty: no task held out)."""
+        return [c.strip() for c in self.meta_test_categories.split(",") if c.strip()]
 
     @property
     def uses_validation(self) -> bool:

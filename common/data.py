@@ -20,61 +20,16 @@ import torch
 
 from common.chat import IGNORE_INDEX, encode_chat, trains
 from common.config import BUILTIN_DATASET, RunConfig
+from common.wordnet import WORDNET_DIR, wordnet_records  # noqa: F401 (re-exported)
 from common.records import (
     WHERE, DataStats, check_records, first_type_clash, read_csv_rows, read_text, with_where,
 )
 
 log = logging.getLogger(__name__)
-WORDNET_DIR = Path("/usr/share/wordnet")
-# WordNet 3.0's lexicographer files, indexed by the lex_filenum field of data.* lines
-# (the 'lexnames' file, which Debian's wordnet-base does not ship).
-WORDNET_LEXNAMES = (
-    "adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact "
-    "noun.attribute noun.body noun.cognition noun.communication noun.event "
-    "noun.feeling noun.food noun.group noun.location noun.motive noun.object "
-    "noun.person noun.phenomenon noun.plant noun.possession noun.process "
-    "noun.quantity noun.relation noun.shape noun.state noun.substance noun.time "
-    "verb.body verb.change verb.cognition verb.communication verb.competition "
-    "verb.consumption verb.contact verb.creation verb.emotion verb.motion "
-    "verb.perception verb.possession verb.social verb.stative verb.weather adj.ppl"
-).split()
-_POS_NAMES = {"n": "noun", "v": "verb", "a": "adjective", "s": "adjective", "r": "adverb"}
 _FILE_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
 # --- sources -------------------------------------------------------------------------
-def wordnet_records(wordnet_dir: Path = WORDNET_DIR) -> list[dict[str, str]]:
-    """WordNet definitions as instruction pairs, each with its lexicographer category."""
-    files = [wordnet_dir / f"data.{pos}" for pos in ("noun", "verb", "adj", "adv")]
-    if not all(f.exists() for f in files):
-        raise FileNotFoundError(
-            f"built-in dataset '{BUILTIN_DATASET}' needs WordNet in {wordnet_dir}: run "
-            "`apt-get install wordnet-base` (or pass --dataset FILE)"
-        )
-    records = []
-    for path in files:
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if line.startswith("  ") or "|" not in line:
-                    continue  # licence header
-                head, gloss = line.split("|", 1)
-                fields = head.split()
-                lexname = WORDNET_LEXNAMES[int(fields[1])]
-                word = fields[4].replace("_", " ")
-                word = word.split("(")[0]  # adjective markers like 'galore(ip)'
-                definition = gloss.split('; "')[0].strip().rstrip(";").strip()
-                if not definition:
-                    continue
-                pos = _POS_NAMES[fields[2]]
-                records.append({
-                    "instruction": f"Define the word '{word}' ({pos}).",
-                    "input": "",
-                    "output": definition[0].upper() + definition[1:] + ".",
-                    "category": lexname,
-                })
-    return records
-
-
 def load_dataset_any(source: str):
     """A ``datasets.Dataset`` from the built-in name, a file, a folder, or the Hub."""
     import datasets
@@ -305,13 +260,14 @@ def load_run_data(cfg: RunConfig, num_partitions: int) -> RunData:
     return _load_run_data(cfg.dataset, fmt, ",".join(cfg.category_list), cfg.partitioner,
                           cfg.partition_by, cfg.dirichlet_alpha, held_out,
                           cfg.validation_examples if cfg.uses_validation else 0,
-                          cfg.seed, num_partitions, cfg.on_bad_record)
+                          cfg.seed, num_partitions, cfg.on_bad_record,
+                          ",".join(cfg.meta_test_category_list))
 
 
 @functools.lru_cache(maxsize=4)
 def _load_run_data(dataset, data_format, categories, partitioner, partition_by,
                    dirichlet_alpha, eval_examples, validation_examples, seed,
-                   num_partitions, on_bad_record="error") -> RunData:
+                   num_partitions, on_bad_record="error", meta_test="") -> RunData:
     ds = load_dataset_any(dataset)
     if isinstance(data_format, tuple):  # classification: (format, text column, label column)
         fmt = classification_format(ds.column_names, data_format[1], data_format[2], dataset)
@@ -319,19 +275,13 @@ def _load_run_data(dataset, data_format, categories, partitioner, partition_by,
         fmt = detect_format(ds.column_names, data_format, dataset)
     ds, skipped = check_records(ds, fmt, on_bad_record, to_messages)  # in file order
     wanted = [c.strip() for c in categories.split(",") if c.strip()]
-    needs_column = partitioner in ("natural", "dirichlet") or wanted
+    unseen = [c.strip() for c in meta_test.split(",") if c.strip()]
+    needs_column = partitioner in ("natural", "dirichlet") or wanted or unseen
     if needs_column and partition_by not in ds.column_names:
-        raise ValueError(missing_column_message(dataset, partition_by, partitioner, bool(wanted)))
-    if wanted:
-        present = set(ds.unique(partition_by))
-        unknown = [c for c in wanted if c not in present]
-        if unknown:
-            values = sorted(map(str, present))
-            shown = ", ".join(values[:8]) + (f", ... ({len(values)} values)" if len(values) > 8 else "")
-            raise ValueError(f"categories {unknown} are not values of column '{partition_by}' "
-                             f"({shown}): fix --categories, or --categories '' to keep all")
-        keep = set(wanted)
-        ds = ds.filter(lambda r: r[partition_by] in keep)
+        raise ValueError(missing_column_message(dataset, partition_by, partitioner,
+                                                bool(wanted or unseen)))
+    if wanted or unseen:
+        ds = _filter_categories(ds, partition_by, wanted, unseen)
     ds = ds.shuffle(seed=seed)
     held = eval_examples + validation_examples
     if len(ds) <= held:
@@ -356,6 +306,26 @@ def _load_run_data(dataset, data_format, categories, partitioner, partition_by,
                    num_partitions=num_partitions, skipped=skipped)
 
 
+def _filter_categories(ds, column: str, wanted: list[str], unseen: list[str]):
+    """Keep the ``wanted`` values of ``column`` (all when empty), minus the ``unseen``
+    tasks ('meta-test-categories'), which no client, held-out or validation split sees."""
+    present = set(ds.unique(column))
+    values = sorted(map(str, present))
+    shown = ", ".join(values[:8]) + (f", ... ({len(values)} values)" if len(values) > 8 else "")
+    for key, names in (("categories", wanted), ("meta-test-categories", unseen)):
+        unknown = [c for c in names if c not in present]
+        if unknown:
+            raise ValueError(f"{key} {unknown} are not values of column '{column}' ({shown}): "
+                             f"fix --{key}" + (", or --categories '' to keep all"
+                                               if key == "categories" else ""))
+    both = sorted(set(wanted) & set(unseen))
+    if both:
+        raise ValueError(f"{both} are in both --categories (trained on) and "
+                         "--meta-test-categories (held out as unseen tasks): remove them from one")
+    keep, drop = set(wanted), set(unseen)
+    return ds.filter(lambda r: (not keep or r[column] in keep) and r[column] not in drop)
+
+
 def missing_column_message(dataset: str, partition_by: str, partitioner: str,
                            filters: bool) -> str:
     """Why the partition column is needed, and the fix for each setting that needs it:
@@ -366,8 +336,8 @@ def missing_column_message(dataset: str, partition_by: str, partitioner: str,
         uses.append(f"the {partitioner} partitioner")
         fixes.append("--partitioner iid")
     if filters:
-        uses.append("the --categories filter")
-        fixes.append("--categories ''")
+        uses.append("the --categories / --meta-test-categories filter")
+        fixes.append("--categories '' --meta-test-categories ''")
     return (f"dataset '{dataset}' has no column '{partition_by}' (partition-by), which "
             f"{' and '.join(uses)} need{'s' * (len(uses) == 1)}: set --partition-by to an "
             f"existing column, or {' '.join(fixes)}")

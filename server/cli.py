@@ -96,19 +96,33 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(train)
     train.set_defaults(run=train_command)
     pers = sub.add_parser(
-        "personalize", help="adapt a run's global adapter to each client with k steps",
+        "personalize", help="k-shot adaptation of a run's adapter: unseen tasks, or each client",
         allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example:\n  fedtune personalize runs/20261126-145844 --k-steps 5\n",
-        description="Each client fine-tunes the run's global adapter for k steps on a "
-                    "support split of its data; prints its query loss before and after.")
+        epilog="examples:\n"
+               "  fedtune personalize runs/20261126-145844 --unseen-categories "
+               "noun.artifact,verb.motion --shots 4,8,16,32\n"
+               "  fedtune personalize runs/20261126-145844 --k-steps 5   (each client's own data)\n",
+        description="With unseen tasks (--unseen-categories, or the run's "
+                    "meta-test-categories): the k-shot protocol on each task, k support "
+                    "examples, --steps adaptation steps, query loss on disjoint examples, "
+                    "mean and spread over tasks and seeds (common/meta.py). Otherwise each "
+                    "client fine-tunes on a support split of its own data.")
     pers.add_argument("run_dir", metavar="RUN_DIR",
                       help="a run folder (its config.json and adapter are used)")
-    pers.add_argument("--k-steps", type=int, default=5, metavar="N",
+    pers.add_argument("--steps", "--k-steps", dest="k_steps", type=int, default=5, metavar="N",
                       help="adaptation steps (default: 5)")
+    pers.add_argument("--unseen-categories", default=None, metavar="A,B",
+                      help="tasks the run never trained on (default: its meta-test-categories)")
+    pers.add_argument("--shots", default="4,8,16,32", metavar="K,K",
+                      help="unseen tasks: support set sizes k (default: 4,8,16,32)")
+    pers.add_argument("--seeds", type=int, default=3, metavar="N",
+                      help="unseen tasks: episodes per task, seeds 0..N-1 (default: 3)")
+    pers.add_argument("--adapt-lr", type=float, default=None, metavar="LR",
+                      help="unseen tasks: adaptation lr (default: the run's lr)")
     pers.add_argument("--support-examples", type=int, default=16, metavar="N",
-                      help="support split size per client (default: 16)")
+                      help="each client: support split size (default: 16)")
     pers.add_argument("--query-examples", type=int, default=32, metavar="N",
-                      help="query split size per client (default: 32)")
+                      help="query split size per client or task (default: 32)")
     pers.set_defaults(run=personalize_command)
     add_tool_parsers(sub)
     from server.datatool import add_data_parser
@@ -367,13 +381,19 @@ def train_command(args: argparse.Namespace) -> int:
 
 def personalize_command(args: argparse.Namespace) -> int:
     from common.adapters import find_adapter, read_adapter_weights
-    from common.personalize import personalize
 
     source = find_adapter(args.run_dir)
     if source.run_cfg is None:
         raise ValueError(f"'{args.run_dir}' is not a fedtune run folder: personalize needs "
                          "the run's config.json for its clients' data")
     cfg = source.run_cfg
+    tasks = (args.unseen_categories if args.unseen_categories is not None
+             else cfg.meta_test_categories)
+    tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+    if tasks:
+        return _kshot_command(args, cfg, tasks, source)
+    from common.personalize import personalize
+
     setup_process(cfg.num_threads)
     report = personalize(cfg, read_adapter_weights(source.path), k_steps=args.k_steps,
                          support_examples=args.support_examples, query_examples=args.query_examples)
@@ -383,6 +403,32 @@ def personalize_command(args: argparse.Namespace) -> int:
     print(f"mean query loss {summary['query-loss-before-mean']:.4f} "
           f"(std {summary['query-loss-before-std']:.4f}) -> {summary['query-loss-after-mean']:.4f} "
           f"(std {summary['query-loss-after-std']:.4f}) after {args.k_steps} steps")
+    return 0
+
+
+def _kshot_command(args: argparse.Namespace, cfg: RunConfig, tasks: list[str], source) -> int:
+    from common.adapters import read_adapter_weights
+    from common.meta import check_unseen, episodes, kshot_report
+    from common.model import load_tokenizer
+
+    try:
+        shots = sorted({int(k) for k in args.shots.split(",") if k.strip()})
+    except ValueError:
+        raise ValueError(f"--shots must be comma separated integers like 4,8,16; got "
+                         f"{args.shots!r}") from None
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    check_unseen(cfg, tasks)
+    setup_process(cfg.num_threads)
+    eps = episodes(cfg, load_tokenizer(cfg.model), tasks=tasks, shots=shots,
+                   query_examples=args.query_examples, seeds=list(range(args.seeds)))
+    report = kshot_report(cfg, read_adapter_weights(source.path), eps, steps=args.k_steps,
+                          lr=args.adapt_lr)
+    print(f"unseen tasks {','.join(tasks)}: {args.seeds} seeds each, {args.query_examples} "
+          f"query examples, {args.k_steps} adaptation steps")
+    for k, (mean, std) in report.curve().items():
+        print(f"k={k:<3} query loss {mean:.4f} (std {std:.4f})"
+              + ("  (before adapting)" if k == 0 else ""))
     return 0
 
 
