@@ -233,6 +233,15 @@ class RunConfig:
         "lr-plateau: relative improvement that counts, loss < best * (1 - threshold).",
         default=1e-3,
     )
+    lr_plateau_increase: float = _opt(
+        "lr-plateau: lr <- lr * increase after a round whose validation loss improved by "
+        "the threshold ('bold driver', Battiti 1989), >= 1 (1: never raise).",
+        default=1.0,
+    )
+    lr_plateau_max_lr: float = _opt(
+        "lr-plateau: the highest lr an increase goes to (0: no cap; else >= lr).",
+        default=0.0,
+    )
     optimizer: str = _opt(
         f"Client optimizer, one of {OPTIMIZERS}: AdamW with lr-schedule, or schedule-free "
         "AdamW (the schedulefree package; no schedule, constant lr after warmup-steps; "
