@@ -51,6 +51,9 @@ ADAPTIVE = {"lr-plateau": True, "lr-schedule": "constant", "lr-plateau-patience"
 # product 0.55; here 2 x 0.25 = 0.5), which lands below the last rate that improved.
 BOLD = {**ADAPTIVE, "lr-plateau-increase": 2.0}
 BOLD_4 = {**BOLD, "lr-plateau-factor": 0.25}
+# Both bold drivers overshot at 3e-3 (x2 twice: 1.2e-2) and early stopping ended the
+# run in the next round; this one shows what the rounds it cut would have done.
+BOLD_4_ON = {**BOLD_4, "early-stopping-patience": 0}
 A_ROUNDS = {"num-server-rounds": 6, "local-steps": 2}
 B_ROUNDS = {"num-server-rounds": 4, "local-steps": 2, "lr": 1e-3}
 # Small data: 16 examples per client, 3 rounds x 4 local steps of batch 4 = 3 epochs.
@@ -67,6 +70,8 @@ SECTIONS = {
         "bold driver x2 /2 lr 3e-3": {**A_ROUNDS, **BOLD, "lr": 3e-3},
         "bold driver x2 /4 lr 3e-4": {**A_ROUNDS, **BOLD_4, "lr": 3e-4},
         "bold driver x2 /4 lr 3e-3": {**A_ROUNDS, **BOLD_4, "lr": 3e-3},
+        "bold driver x2 /4 no early stop lr 3e-4": {**A_ROUNDS, **BOLD_4_ON, "lr": 3e-4},
+        "bold driver x2 /4 no early stop lr 3e-3": {**A_ROUNDS, **BOLD_4_ON, "lr": 3e-3},
     },
     # eta 3e-3 (the old default) learned slower than FedAvg in docs/algorithms.md
     "fedadam": {
@@ -74,6 +79,11 @@ SECTIONS = {
         "fedadam eta 1e-2": {**B_ROUNDS, "strategy": "fedadam", "server-eta": 1e-2},
         "fedadam eta 2e-2": {**B_ROUNDS, "strategy": "fedadam", "server-eta": 2e-2},
         "fedadam eta 3e-2": {**B_ROUNDS, "strategy": "fedadam", "server-eta": 3e-2},
+        # eta 2e-2 led FedAvg after round 3, then overshot: a smaller step, or a larger
+        # tau (Flower's epsilon under the root: steps closer to eta x update / tau)
+        "fedadam eta 1.5e-2": {**B_ROUNDS, "strategy": "fedadam", "server-eta": 1.5e-2},
+        "fedadam eta 2e-2 tau 1e-2": {**B_ROUNDS, "strategy": "fedadam", "server-eta": 2e-2,
+                                      "server-tau": 1e-2},
     },
     # Early stopping is read off the 'none' run (see EARLY_STOP): the same pool, the same
     # validation split, so a run with --early-stopping-patience 1 is that run cut short.

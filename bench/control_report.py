@@ -15,7 +15,7 @@ DOC = ROOT / "docs" / "control.md"
 # Read off `uptime` while a section's runs went on (the runs do not record it), per
 # section; update the one you rerun.
 OBSERVED_LOAD = {
-    "adaptive": "1.6 to 2.3 on the 2 cores (other engineers' tests and builds)",
+    "adaptive": "1.2 to 2.8 on the 2 cores (other engineers' tests and builds)",
     "fedadam": "4 to 8 on the 2 cores (other engineers' builds and benchmarks)",
     "regularization": "4 to 8 on the 2 cores (other engineers' builds and benchmarks)",
 }
@@ -124,7 +124,10 @@ def adaptive_section(res: dict, specs: dict) -> list[str]:
         + "".join(f"; **{k}**, the same with `--lr-plateau-factor {b['lr-plateau-factor']} "
                   f"--lr-plateau-increase {b['lr-plateau-increase']:g}` (the bold driver: "
                   f"x{b['lr-plateau-increase']:g} after a round whose validation loss is 0.1% "
-                  f"below the best, x{b['lr-plateau-factor']} after one that is not; no cap)"
+                  f"below the best, x{b['lr-plateau-factor']} after one that is not; no cap"
+                  + ("" if b["early-stopping-patience"] == plateau["early-stopping-patience"]
+                     else f"; `--early-stopping-patience {b['early-stopping-patience']}`: "
+                     "no early stop") + ")"
                   for k, b in bolds.items()) + ".",
         "",
         "| run | final held-out loss | rounds run | stopped early | peak lr in the last round "
@@ -194,12 +197,14 @@ def fedadam_section(res: dict) -> list[str]:
     fedavg = res.get("fedavg")
     lines = ["## 2. FedAdam's server-eta", "",
              "4 rounds x 2 local steps, client lr 1e-3 with the cosine schedule, FedAdam with "
-             "Flower's defaults otherwise (beta1 0.9, beta2 0.99, tau 1e-3).", "",
-             "| run | final held-out loss | vs FedAvg |", "|---|---|---|"]
+             "Flower's defaults otherwise (beta1 0.9, beta2 0.99, tau 1e-3 unless named).", "",
+             "| run | final held-out loss | vs FedAvg | held-out loss, rounds 1 to last |",
+             "|---|---|---|---|"]
     for name, r in res.items():
         loss = final(r)["eval-loss"]
         rel = f"{loss / final(fedavg)['eval-loss'] - 1:+.1%}" if fedavg else ""
-        lines.append(f"| {name} | {loss:.4f} | {rel} |")
+        curve = " / ".join(f"{h['eval-loss']:.3f}" for h in r["history"] if h["round"] > 0)
+        lines.append(f"| {name} | {loss:.4f} | {rel} | {curve} |")
     adams = {n: r for n, r in res.items() if n.startswith("fedadam")}
     if fedavg and adams:
         best = min(adams, key=lambda n: final(adams[n])["eval-loss"])
