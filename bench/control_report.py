@@ -16,7 +16,7 @@ DOC = ROOT / "docs" / "control.md"
 # section; update the one you rerun.
 OBSERVED_LOAD = {
     "adaptive": "1.2 to 2.8 on the 2 cores (other engineers' tests and builds)",
-    "fedadam": "4 to 8 on the 2 cores (other engineers' builds and benchmarks)",
+    "fedadam": "2.0 to 2.5 on the 2 cores (other engineers' tests and builds)",
     "regularization": "4 to 8 on the 2 cores (other engineers' builds and benchmarks)",
 }
 HEADINGS = {"adaptive": "## 1. ", "fedadam": "## 2. ", "regularization": "## 3. "}
@@ -278,28 +278,32 @@ def plot_curves(res: dict, path: Path, title: str) -> None:
 
 
 def plot_adaptive(res: dict, path: Path) -> None:
+    """Held-out loss (left) and the adaptive runs' lr (right) per round: one colour per
+    controller, dashed for the fixed cosine runs, one marker per initial lr."""
     plt = pyplot()
-    fig, (ax, ax_lr) = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, (ax, ax_lr) = plt.subplots(1, 2, figsize=(12, 5.5))
+    kinds = list(dict.fromkeys(kind(n) for n in res))
+    lrs = sorted({n.rsplit(" lr ", 1)[1] for n in res}, key=float)
     for name, r in res.items():
-        adaptive = not name.startswith("cosine")
-        style = "-" if adaptive else "--"
+        adaptive = kind(name) != "cosine"
+        style = dict(color=f"C{kinds.index(kind(name))}", linestyle="-" if adaptive else "--",
+                     marker="os^v"[lrs.index(name.rsplit(" lr ", 1)[1]) % 4], alpha=0.85)
         rows = r["history"]
-        ax.plot([h["round"] for h in rows], [h["eval-loss"] for h in rows], style, marker="o",
-                label=name)
+        ax.plot([h["round"] for h in rows], [h["eval-loss"] for h in rows], label=name, **style)
         lr_rows = [h for h in rows if "lr" in h]
         if lr_rows and adaptive:  # a fixed run's column is its peak lr
-            ax_lr.plot([h["round"] for h in lr_rows], [h["lr"] for h in lr_rows], style,
-                       marker="o", label=name)
+            ax_lr.plot([h["round"] for h in lr_rows], [h["lr"] for h in lr_rows], **style)
     ax.set_xlabel("round")
     ax.set_ylabel("held-out loss")
-    ax.set_title("Fixed cosine (dashed) vs adaptive lr + early stopping")
+    ax.set_title("Fixed cosine (dashed) vs adaptive lr")
     ax_lr.set_yscale("log")
     ax_lr.set_xlabel("round")
     ax_lr.set_ylabel("clients' peak lr (adaptive runs)")
+    ax_lr.set_title("lr per round (runs that coincide overlap)")
     for a in (ax, ax_lr):
         a.grid(alpha=0.3)
-        a.legend(fontsize=8)
-    fig.tight_layout()
+    fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8)
+    fig.tight_layout(rect=(0, 0.17, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
