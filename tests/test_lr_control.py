@@ -231,6 +231,23 @@ def test_lr_reaches_the_clients_and_early_stopping_ends_the_federation(
     assert json.loads((run.path / "early-stop.json").read_text())["stopped-after-round"] == 10
 
 
+def test_bold_driver_lr_travels_in_the_round_config(flower_identity, monkeypatch, tmp_path):
+    """The config keys reach the rule (RunConfig -> LossControl -> PlateauLR), and the
+    round config carries the raised and cut lrs the hand-computed sequence says."""
+    cfg = RunConfig(**{**SETTINGS, **BOLD}, run_dir=str(tmp_path / "run"))
+    losses = iter([3.5] + BOLD_LOSSES)
+    monkeypatch.setattr(control_module, "evaluate",
+                        lambda *a, **k: SimpleNamespace(loss=next(losses)))
+    train_config = ConfigRecord()
+    control = RoundControl(cfg, RunFolder.create(cfg), [{}], 0, train_config)
+    sent = [train_config["lr"]]
+    for server_round in range(len(BOLD_LOSSES) + 1):
+        control.observe(None, server_round)
+        sent.append(train_config["lr"])
+    assert sent[0] == sent[1] == 1e-3  # round 0 (before training) moves nothing
+    assert sent[2:] == pytest.approx(BOLD_EXPECTED, rel=1e-12)
+
+
 def test_without_plateau_no_lr_travels(flower_identity, tmp_path):
     cfg = RunConfig(early_stopping_patience=2, run_dir=str(tmp_path / "run"))
     train_config = ConfigRecord()
