@@ -118,7 +118,9 @@ def run(out: Path, section: str, name: str) -> dict:
         shutil.rmtree(folder)
     started = time.perf_counter()
     cfg = run_federation({**COMMON, **SECTIONS[section][name], "run-dir": str(folder)})
-    result = {"name": name, "wall-seconds": time.perf_counter() - started,
+    from bench.control_report import commit
+
+    result = {"name": name, "wall-seconds": time.perf_counter() - started, "commit": commit(),
               "history": [json.loads(l) for l in (folder / "history.jsonl").read_text().splitlines()]}
     stop = folder / "early-stop.json"
     result["early-stop"] = json.loads(stop.read_text()) if stop.exists() else None

@@ -90,11 +90,14 @@ def write_report(results: dict, args) -> None:
     kept = old_sections(old)
     build = {"adaptive": lambda r: adaptive_section(r, SECTIONS["adaptive"]),
              "fedadam": fedadam_section,
-             "regularization": lambda r: regularization_section(r, SECTIONS["regularization"]["none"])}
+             "regularization": lambda r: regularization_section(
+                 r, SECTIONS["regularization"]["none"])}
     for name in HEADINGS:
         if results.get(name):
             block = build[name](results[name])
-            block[1:1] = ["", f"Measured {time.strftime('%Y-%m-%d')} at commit {commit()} "
+            commits = sorted({r["commit"] for r in results[name].values() if "commit" in r})
+            block[1:1] = ["", f"Measured {time.strftime('%Y-%m-%d')}, runs at commit "
+                          f"{', '.join(commits) or 'unrecorded'} (report at {commit()}) "
                           f"(`--sections {name}`). Load average (1 min) during the runs: "
                           f"{OBSERVED_LOAD[name]}; when this report was written: {load[0]:.1f}."]
             lines += block
@@ -143,8 +146,9 @@ def adaptive_section(res: dict, specs: dict) -> list[str]:
                      f"{last['seconds']:.0f} |")
     lines += ["", "Rounds to reach the fixed schedule's final held-out loss (same initial lr):", "",
               "| controller | initial lr | fixed: final loss (round) | adaptive: first round at "
-              "or below it | share of rounds | MB saved | s saved (the fixed run's seconds after that round) |", "|---|---|---|---|---|---|---|"]
-    lrs = sorted({n.split("lr ")[1] for n in res}, key=float)
+              "or below it | share of rounds | MB saved | s saved (the fixed run's seconds "
+              "after that round) |", "|---|---|---|---|---|---|---|"]
+    lrs = sorted({n.rsplit(" lr ", 1)[1] for n in res}, key=float)
     verdicts: dict[str, list[bool]] = {}
     controllers = [k for k in dict.fromkeys(kind(n) for n in res) if k != "cosine"]
     for label in controllers:

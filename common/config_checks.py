@@ -130,7 +130,8 @@ def _check_lr_control(cfg: RunConfig) -> None:
     if not (cfg.lr_plateau_increase >= 1.0 and math.isfinite(cfg.lr_plateau_increase)):
         raise ValueError("config 'lr-plateau-increase' must be a finite number >= 1 (1: never "
                          f"raise the lr), got {cfg.lr_plateau_increase}")
-    if cfg.lr_plateau and cfg.lr_plateau_max_lr and cfg.lr_plateau_max_lr < max(cfg.lr, cfg.lr_plateau_min_lr):
+    cap = cfg.lr_plateau_max_lr
+    if cfg.lr_plateau and cap and cap < max(cfg.lr, cfg.lr_plateau_min_lr):
         raise ValueError(f"config 'lr-plateau-max-lr' {cfg.lr_plateau_max_lr} is below 'lr' "
                          f"{cfg.lr} or 'lr-plateau-min-lr' {cfg.lr_plateau_min_lr}: set it "
                          "above both, or 0 for no cap")
