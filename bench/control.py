@@ -43,6 +43,17 @@ COMMON = {"categories": "noun.animal,noun.food", "num-clients": 2, "batch-size":
 SAME_POOL = {"early-stopping-patience": 99}
 ADAPTIVE = {"lr-plateau": True, "lr-schedule": "constant", "lr-plateau-patience": 0,
             "lr-plateau-factor": 0.5, "early-stopping-patience": 2}
+# Bold driver (issue 16): the same controller that can also raise the rate, x2 after a
+# round whose validation loss improved, and cut by torch's rule after one that did not
+# (patience 0). No cap: a cap would be one more rate to know in advance. Two cuts:
+# /2 undoes exactly one raise (the rate returns to the last one that improved); /4 is
+# Battiti's (1989) balance, a cut larger than the raise (his x1.1 up, x0.5 down: the
+# product 0.55; here 2 x 0.25 = 0.5), which lands below the last rate that improved.
+BOLD = {**ADAPTIVE, "lr-plateau-increase": 2.0}
+BOLD_4 = {**BOLD, "lr-plateau-factor": 0.25}
+# Both bold drivers overshot at 3e-3 (x2 twice: 1.2e-2) and early stopping ended the
+# run in the next round; this one shows what the rounds it cut would have done.
+BOLD_4_ON = {**BOLD_4, "early-stopping-patience": 0}
 A_ROUNDS = {"num-server-rounds": 6, "local-steps": 2}
 B_ROUNDS = {"num-server-rounds": 4, "local-steps": 2, "lr": 1e-3}
 # Small data: 16 examples per client, 3 rounds x 4 local steps of batch 4 = 3 epochs.
@@ -55,6 +66,12 @@ SECTIONS = {
         "cosine lr 3e-3": {**A_ROUNDS, **SAME_POOL, "lr": 3e-3},
         "plateau lr 3e-4": {**A_ROUNDS, **ADAPTIVE, "lr": 3e-4},
         "plateau lr 3e-3": {**A_ROUNDS, **ADAPTIVE, "lr": 3e-3},
+        "bold driver x2 /2 lr 3e-4": {**A_ROUNDS, **BOLD, "lr": 3e-4},
+        "bold driver x2 /2 lr 3e-3": {**A_ROUNDS, **BOLD, "lr": 3e-3},
+        "bold driver x2 /4 lr 3e-4": {**A_ROUNDS, **BOLD_4, "lr": 3e-4},
+        "bold driver x2 /4 lr 3e-3": {**A_ROUNDS, **BOLD_4, "lr": 3e-3},
+        "bold driver x2 /4 no early stop lr 3e-4": {**A_ROUNDS, **BOLD_4_ON, "lr": 3e-4},
+        "bold driver x2 /4 no early stop lr 3e-3": {**A_ROUNDS, **BOLD_4_ON, "lr": 3e-3},
     },
     # eta 3e-3 (the old default) learned slower than FedAvg in docs/algorithms.md
     "fedadam": {
@@ -62,6 +79,11 @@ SECTIONS = {
         "fedadam eta 1e-2": {**B_ROUNDS, "strategy": "fedadam", "server-eta": 1e-2},
         "fedadam eta 2e-2": {**B_ROUNDS, "strategy": "fedadam", "server-eta": 2e-2},
         "fedadam eta 3e-2": {**B_ROUNDS, "strategy": "fedadam", "server-eta": 3e-2},
+        # eta 2e-2 led FedAvg after round 3, then overshot: a smaller step, or a larger
+        # tau (Flower's epsilon under the root: steps closer to eta x update / tau)
+        "fedadam eta 1.5e-2": {**B_ROUNDS, "strategy": "fedadam", "server-eta": 1.5e-2},
+        "fedadam eta 2e-2 tau 1e-2": {**B_ROUNDS, "strategy": "fedadam", "server-eta": 2e-2,
+                                      "server-tau": 1e-2},
     },
     # Early stopping is read off the 'none' run (see EARLY_STOP): the same pool, the same
     # validation split, so a run with --early-stopping-patience 1 is that run cut short.
@@ -96,7 +118,9 @@ def run(out: Path, section: str, name: str) -> dict:
         shutil.rmtree(folder)
     started = time.perf_counter()
     cfg = run_federation({**COMMON, **SECTIONS[section][name], "run-dir": str(folder)})
-    result = {"name": name, "wall-seconds": time.perf_counter() - started,
+    from bench.control_report import commit
+
+    result = {"name": name, "wall-seconds": time.perf_counter() - started, "commit": commit(),
               "history": [json.loads(l) for l in (folder / "history.jsonl").read_text().splitlines()]}
     stop = folder / "early-stop.json"
     result["early-stop"] = json.loads(stop.read_text()) if stop.exists() else None

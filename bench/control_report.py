@@ -12,9 +12,15 @@ from bench.report import plt as pyplot
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "control.md"
-# Read off `uptime` while the runs of 2026-11-30 went on (the runs do not record it);
-# update it when rerunning.
-OBSERVED_LOAD = "4 to 8 on the 2 cores (other engineers' builds and benchmarks)"
+# Read off `uptime` while a section's runs went on (the runs do not record it), per
+# section; update the one you rerun.
+OBSERVED_LOAD = {
+    "adaptive": "1.2 to 2.8 on the 2 cores (other engineers' tests and builds)",
+    "fedadam": "2.0 to 2.5 on the 2 cores (other engineers' tests and builds)",
+    "regularization": "4 to 8 on the 2 cores (other engineers' builds and benchmarks)",
+}
+HEADINGS = {"adaptive": "## 1. ", "fedadam": "## 2. ", "regularization": "## 3. "}
+READING = "\n## Reading the numbers"
 
 
 def final(result: dict) -> dict:
@@ -26,22 +32,47 @@ def rounds_to(result: dict, target: float) -> dict | None:
     return next((r for r in result["history"] if r["round"] > 0 and r["eval-loss"] <= target), None)
 
 
+def kind(name: str) -> str:
+    """A run's controller: its name before ' lr ' ('cosine', 'plateau', 'bold driver ...')."""
+    return name.rsplit(" lr ", 1)[0]
+
+
+def commit() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def old_sections(text: str) -> dict[str, str]:
+    """The previous report's section blocks by name (heading to the next heading)."""
+    marks = sorted((text.index(h), name) for name, h in HEADINGS.items() if h in text)
+    ends = [i for i, _ in marks[1:]] + [text.index(READING) if READING in text else len(text)]
+    return {name: text[i:end].rstrip("\n") + "\n" for (i, name), end in zip(marks, ends)}
+
+
 def write_report(results: dict, args) -> None:
+    """Rewrite docs/control.md: the sections in ``results`` from their runs, every other
+    section as the previous report had it (each says when and at which commit it was
+    measured), and the hand-written 'Reading the numbers' as it was."""
     load = os.getloadavg()
     from bench.control import COMMON, SECTIONS
 
     lines = [
         "# Adaptive learning rate, FedAdam and regularization, each on its own job",
         "",
-        f"Measured by `python bench/control.py --sections {','.join(results)}` on "
+        f"Measured by `python bench/control.py --sections NAME` on "
         f"{platform.node() or 'this machine'} ({os.cpu_count()} CPU cores, "
-        f"{platform.machine()}), {time.strftime('%Y-%m-%d')}. Load average (1 min) "
-        f"during the runs: {OBSERVED_LOAD}; when this report was written: {load[0]:.1f}.",
+        f"{platform.machine()}); each section says when, at which commit and under which load.",
         "",
-        "The machine was shared with three other engineers' jobs during these runs, so the "
+        "The machine was shared with other engineers' jobs during these runs, so the "
         "seconds are inflated and uneven: compare the ratios within a run, not the "
         "absolute times. The losses do not depend on the load: every run is deterministic "
-        "under its seeds.",
+        "under its seeds (on the same code: a change to the training loop, such as the bf16 "
+        "autocast of `common/precision.py`, moves them, so compare runs within one section).",
         "",
         "Setting (every run): SmolLM2-135M-Instruct + LoRA r=8, the built-in WordNet data "
         f"with two clients ({COMMON['categories']}, one category each), batch "
@@ -55,16 +86,25 @@ def write_report(results: dict, args) -> None:
         "losses to the last digit as `fedtune simulate`).",
         "",
     ]
-    if results.get("adaptive"):
-        lines += adaptive_section(results["adaptive"], SECTIONS["adaptive"])
-    if results.get("fedadam"):
-        lines += fedadam_section(results["fedadam"])
-    if results.get("regularization"):
-        lines += regularization_section(results["regularization"], SECTIONS["regularization"]["none"])
-    # The hand-written reading of the numbers below this heading survives a rerun.
-    marker = "\n## Reading the numbers"
     old = DOC.read_text() if DOC.exists() else ""
-    tail = old[old.index(marker):] if marker in old else ""
+    kept = old_sections(old)
+    build = {"adaptive": lambda r: adaptive_section(r, SECTIONS["adaptive"]),
+             "fedadam": fedadam_section,
+             "regularization": lambda r: regularization_section(
+                 r, SECTIONS["regularization"]["none"])}
+    for name in HEADINGS:
+        if results.get(name):
+            block = build[name](results[name])
+            commits = sorted({r["commit"] for r in results[name].values() if "commit" in r})
+            block[1:1] = ["", f"Measured {time.strftime('%Y-%m-%d')}, runs at commit "
+                          f"{', '.join(commits) or 'unrecorded'} (report at {commit()}) "
+                          f"(`--sections {name}`). Load average (1 min) during the runs: "
+                          f"{OBSERVED_LOAD[name]}; when this report was written: {load[0]:.1f}."]
+            lines += block
+        elif name in kept:
+            lines += kept[name].splitlines() + [""]
+    # The hand-written reading of the numbers below this heading survives a rerun.
+    tail = old[old.index(READING):] if READING in old else ""
     DOC.write_text("\n".join(lines) + "\n" + tail)
     print("\n".join(lines))
 
@@ -72,16 +112,26 @@ def write_report(results: dict, args) -> None:
 def adaptive_section(res: dict, specs: dict) -> list[str]:
     spec = next(iter(specs.values()))
     rounds = spec["num-server-rounds"]
-    plateau = next(s for n, s in specs.items() if n.startswith("plateau"))
+    plateau = next(s for n, s in specs.items() if kind(n) == "plateau")
+    bolds = {kind(n): s for n, s in specs.items() if s.get("lr-plateau-increase", 1.0) > 1.0}
     lines = [
         "## 1. Adaptive learning rate (lr-plateau + early stopping)",
         "",
         f"{rounds} rounds x {spec['local-steps']} local steps per client. Fixed: AdamW with the "
-        "cosine schedule over the run (the default). Adaptive: constant lr, "
-        f"`--lr-plateau true --lr-plateau-patience {plateau['lr-plateau-patience']} "
-        f"--lr-plateau-factor {plateau['lr-plateau-factor']}` (halve the clients' lr after any "
-        "round whose validation loss is not 0.1% below the best) and "
-        f"`--early-stopping-patience {plateau['early-stopping-patience']}`.",
+        "cosine schedule over the run (the default). Adaptive, all with a constant lr "
+        f"schedule and `--early-stopping-patience {plateau['early-stopping-patience']}`: "
+        f"**plateau** `--lr-plateau true --lr-plateau-patience {plateau['lr-plateau-patience']} "
+        f"--lr-plateau-factor {plateau['lr-plateau-factor']}` (torch's ReduceLROnPlateau: "
+        f"x{plateau['lr-plateau-factor']} after any round whose validation loss is not 0.1% "
+        "below the best, never up)"
+        + "".join(f"; **{k}**, the same with `--lr-plateau-factor {b['lr-plateau-factor']} "
+                  f"--lr-plateau-increase {b['lr-plateau-increase']:g}` (the bold driver: "
+                  f"x{b['lr-plateau-increase']:g} after a round whose validation loss is 0.1% "
+                  f"below the best, x{b['lr-plateau-factor']} after one that is not; no cap"
+                  + ("" if b["early-stopping-patience"] == plateau["early-stopping-patience"]
+                     else f"; `--early-stopping-patience {b['early-stopping-patience']}`: "
+                     "no early stop") + ")"
+                  for k, b in bolds.items()) + ".",
         "",
         "| run | final held-out loss | rounds run | stopped early | peak lr in the last round "
         "(cosine decays below it) | MB | s |",
@@ -95,41 +145,53 @@ def adaptive_section(res: dict, specs: dict) -> list[str]:
                      f"{last.get('lr', float('nan')):.2e} | {last['mb-total']:.1f} | "
                      f"{last['seconds']:.0f} |")
     lines += ["", "Rounds to reach the fixed schedule's final held-out loss (same initial lr):", "",
-              "| initial lr | fixed: final loss (round) | adaptive: first round at or below it "
-              "| share of rounds | MB saved | s saved |", "|---|---|---|---|---|---|"]
-    verdicts, spreads = [], {}
-    for lr in sorted({n.split("lr ")[1] for n in res}):
-        fixed, adaptive = res.get(f"cosine lr {lr}"), res.get(f"plateau lr {lr}")
-        if not (fixed and adaptive):
-            continue
-        target = final(fixed)
-        hit = rounds_to(adaptive, target["eval-loss"])
-        if hit is None:
-            lines.append(f"| {lr} | {target['eval-loss']:.4f} ({target['round']}) | never "
-                         f"(best {min(h['eval-loss'] for h in adaptive['history']):.4f}) | - | - | - |")
-            verdicts.append(False)
-            continue
-        share = hit["round"] / target["round"]
-        verdicts.append(share <= 0.7)
-        saved = (f"{target['mb-total'] - hit['mb-total']:.1f} | "
-                 f"{target['seconds'] - hit['seconds']:.0f} ({1 - hit['seconds'] / target['seconds']:.0%})"
-                 if hit["round"] < target["round"] else "0 | 0")
-        lines.append(f"| {lr} | {target['eval-loss']:.4f} ({target['round']}) | {hit['round']} | "
-                     f"{share:.0%} | {saved} |")
-    for kind in ("cosine", "plateau"):
-        finals = [final(r)["eval-loss"] for n, r in res.items() if n.startswith(kind)]
+              "| controller | initial lr | fixed: final loss (round) | adaptive: first round at "
+              "or below it | share of rounds | MB saved | s saved (the fixed run's seconds "
+              "after that round) |", "|---|---|---|---|---|---|---|"]
+    lrs = sorted({n.rsplit(" lr ", 1)[1] for n in res}, key=float)
+    verdicts: dict[str, list[bool]] = {}
+    controllers = [k for k in dict.fromkeys(kind(n) for n in res) if k != "cosine"]
+    for label in controllers:
+        for lr in lrs:
+            fixed, adaptive = res.get(f"cosine lr {lr}"), res.get(f"{label} lr {lr}")
+            if not (fixed and adaptive):
+                continue
+            target = final(fixed)
+            hit = rounds_to(adaptive, target["eval-loss"])
+            if hit is None:
+                best = min(h["eval-loss"] for h in adaptive["history"])
+                lines.append(f"| {label} | {lr} | {target['eval-loss']:.4f} ({target['round']}) | "
+                             f"never (best {best:.4f}) | - | - | - |")
+                verdicts.setdefault(label, []).append(False)
+                continue
+            share = hit["round"] / target["round"]
+            verdicts.setdefault(label, []).append(share <= 0.7)
+            # Seconds from the fixed run alone (its time after round hit): the same
+            # compute per round, and one run's load, unlike two runs' clocks.
+            at = next(h for h in fixed["history"] if h["round"] == hit["round"])
+            saved = (f"{target['mb-total'] - hit['mb-total']:.1f} | "
+                     f"{target['seconds'] - at['seconds']:.0f} "
+                     f"({1 - at['seconds'] / target['seconds']:.0%})"
+                     if hit["round"] < target["round"] else "0 | 0")
+            lines.append(f"| {label} | {lr} | {target['eval-loss']:.4f} ({target['round']}) | "
+                         f"{hit['round']} | {share:.0%} | {saved} |")
+    spreads = {}
+    for label in ("cosine", *controllers):
+        finals = [final(r)["eval-loss"] for n, r in res.items() if kind(n) == label]
         if len(finals) >= 2:
-            spreads[kind] = max(finals) - min(finals)
+            spreads[label] = max(finals) - min(finals)
     lines.append("")
-    if verdicts:
-        lines.append(f"Goal (at most 70% of the rounds): {'met' if all(verdicts) else 'not met'} "
-                     f"({sum(verdicts)} of {len(verdicts)} learning rates).")
-    if len(spreads) == 2:
-        ratio = spreads["plateau"] / spreads["cosine"] if spreads["cosine"] else math.inf
-        lines.append(f"Robustness over a 10x range of initial lr: the final held-out loss spans "
-                     f"{spreads['cosine']:.4f} with the fixed schedule and {spreads['plateau']:.4f} "
-                     f"adaptive, a ratio of {ratio:.2f} (goal: at most 0.33, "
-                     f"{'met' if ratio <= 1 / 3 else 'not met'}).")
+    for label in controllers:
+        v = verdicts.get(label)
+        if v:
+            lines.append(f"- {label}: goal 1 (at most 70% of the rounds at every lr): "
+                         f"{'met' if all(v) else 'not met'} ({sum(v)} of {len(v)} learning rates).")
+        if label in spreads and "cosine" in spreads:
+            ratio = spreads[label] / spreads["cosine"] if spreads["cosine"] else math.inf
+            lines.append(f"- {label}: goal 2 (robustness over the 10x lr range): the final "
+                         f"held-out loss spans {spreads[label]:.4f} against the fixed schedule's "
+                         f"{spreads['cosine']:.4f}, a ratio of {ratio:.2f} (goal: at most 0.33, "
+                         f"{'met' if ratio <= 1 / 3 else 'not met'}).")
     lines += ["", "![held-out loss and lr per round](control-adaptive.png)", ""]
     plot_adaptive(res, ROOT / "docs" / "control-adaptive.png")
     return lines
@@ -139,12 +201,14 @@ def fedadam_section(res: dict) -> list[str]:
     fedavg = res.get("fedavg")
     lines = ["## 2. FedAdam's server-eta", "",
              "4 rounds x 2 local steps, client lr 1e-3 with the cosine schedule, FedAdam with "
-             "Flower's defaults otherwise (beta1 0.9, beta2 0.99, tau 1e-3).", "",
-             "| run | final held-out loss | vs FedAvg |", "|---|---|---|"]
+             "Flower's defaults otherwise (beta1 0.9, beta2 0.99, tau 1e-3 unless named).", "",
+             "| run | final held-out loss | vs FedAvg | held-out loss, rounds 1 to last |",
+             "|---|---|---|---|"]
     for name, r in res.items():
         loss = final(r)["eval-loss"]
         rel = f"{loss / final(fedavg)['eval-loss'] - 1:+.1%}" if fedavg else ""
-        lines.append(f"| {name} | {loss:.4f} | {rel} |")
+        curve = " / ".join(f"{h['eval-loss']:.3f}" for h in r["history"] if h["round"] > 0)
+        lines.append(f"| {name} | {loss:.4f} | {rel} | {curve} |")
     adams = {n: r for n, r in res.items() if n.startswith("fedadam")}
     if fedavg and adams:
         best = min(adams, key=lambda n: final(adams[n])["eval-loss"])
@@ -218,27 +282,32 @@ def plot_curves(res: dict, path: Path, title: str) -> None:
 
 
 def plot_adaptive(res: dict, path: Path) -> None:
+    """Held-out loss (left) and the adaptive runs' lr (right) per round: one colour per
+    controller, dashed for the fixed cosine runs, one marker per initial lr."""
     plt = pyplot()
-    fig, (ax, ax_lr) = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, (ax, ax_lr) = plt.subplots(1, 2, figsize=(12, 5.5))
+    kinds = list(dict.fromkeys(kind(n) for n in res))
+    lrs = sorted({n.rsplit(" lr ", 1)[1] for n in res}, key=float)
     for name, r in res.items():
-        style = "-" if name.startswith("plateau") else "--"
+        adaptive = kind(name) != "cosine"
+        style = dict(color=f"C{kinds.index(kind(name))}", linestyle="-" if adaptive else "--",
+                     marker="os^v"[lrs.index(name.rsplit(" lr ", 1)[1]) % 4], alpha=0.85)
         rows = r["history"]
-        ax.plot([h["round"] for h in rows], [h["eval-loss"] for h in rows], style, marker="o",
-                label=name)
+        ax.plot([h["round"] for h in rows], [h["eval-loss"] for h in rows], label=name, **style)
         lr_rows = [h for h in rows if "lr" in h]
-        if lr_rows and name.startswith("plateau"):  # a fixed run's column is its peak lr
-            ax_lr.plot([h["round"] for h in lr_rows], [h["lr"] for h in lr_rows], style,
-                       marker="o", label=name)
+        if lr_rows and adaptive:  # a fixed run's column is its peak lr
+            ax_lr.plot([h["round"] for h in lr_rows], [h["lr"] for h in lr_rows], **style)
     ax.set_xlabel("round")
     ax.set_ylabel("held-out loss")
-    ax.set_title("Fixed cosine (dashed) vs lr-plateau + early stopping")
+    ax.set_title("Fixed cosine (dashed) vs adaptive lr")
     ax_lr.set_yscale("log")
     ax_lr.set_xlabel("round")
     ax_lr.set_ylabel("clients' peak lr (adaptive runs)")
+    ax_lr.set_title("lr per round (runs that coincide overlap)")
     for a in (ax, ax_lr):
         a.grid(alpha=0.3)
-        a.legend(fontsize=8)
-    fig.tight_layout()
+    fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8)
+    fig.tight_layout(rect=(0, 0.17, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

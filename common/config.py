@@ -239,6 +239,15 @@ class RunConfig:
         "lr-plateau: relative improvement that counts, loss < best * (1 - threshold).",
         default=1e-3,
     )
+    lr_plateau_increase: float = _opt(
+        "lr-plateau: lr <- lr * increase after a round whose validation loss improved by "
+        "the threshold ('bold driver', Battiti 1989), >= 1 (1: never raise).",
+        default=1.0,
+    )
+    lr_plateau_max_lr: float = _opt(
+        "lr-plateau: the highest lr an increase goes to (0: no cap; else >= lr).",
+        default=0.0,
+    )
     optimizer: str = _opt(
         f"Client optimizer, one of {OPTIMIZERS}: AdamW with lr-schedule, or schedule-free "
         "AdamW (the schedulefree package; no schedule, constant lr after warmup-steps; "
@@ -292,8 +301,9 @@ class RunConfig:
         "FedProx mu: clients add (mu/2)*||w - w_global||^2 over the adapter.", default=0.0
     )
     server_eta: float = _opt(
-        "Server learning rate of fedadam / fedyogi / fedadagrad (Flower's eta; 2e-2 was "
-        "the best of a sweep on a short run, docs/control.md).",
+        "Server learning rate of fedadam / fedyogi / fedadagrad (Flower's eta; 2e-2 and "
+        "1.5e-2 were the best of a sweep on a short run, about 1% behind FedAvg, "
+        "docs/control.md).",
         default=2e-2,
     )
     server_beta1: float = _opt("fedadam / fedyogi first-moment decay.", default=0.9)

@@ -4,6 +4,7 @@ DP recipe's defaults. Split from common/config.py (the fields) to keep each file
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any
 
@@ -123,9 +124,17 @@ def _check_lr_control(cfg: RunConfig) -> None:
     if not 0.0 < cfg.lr_plateau_factor < 1.0:
         raise ValueError(f"config 'lr-plateau-factor' must be in (0, 1), got {cfg.lr_plateau_factor}")
     for name in ("lr-plateau-patience", "lr-plateau-cooldown", "lr-plateau-min-lr",
-                 "lr-plateau-threshold"):
+                 "lr-plateau-threshold", "lr-plateau-max-lr"):
         if getattr(cfg, _attr(name)) < 0:
             raise ValueError(f"config '{name}' must be >= 0, got {getattr(cfg, _attr(name))}")
+    if not (cfg.lr_plateau_increase >= 1.0 and math.isfinite(cfg.lr_plateau_increase)):
+        raise ValueError("config 'lr-plateau-increase' must be a finite number >= 1 (1: never "
+                         f"raise the lr), got {cfg.lr_plateau_increase}")
+    cap = cfg.lr_plateau_max_lr
+    if cfg.lr_plateau and cap and cap < max(cfg.lr, cfg.lr_plateau_min_lr):
+        raise ValueError(f"config 'lr-plateau-max-lr' {cfg.lr_plateau_max_lr} is below 'lr' "
+                         f"{cfg.lr} or 'lr-plateau-min-lr' {cfg.lr_plateau_min_lr}: set it "
+                         "above both, or 0 for no cap")
     if cfg.uses_validation and cfg.validation_examples < 1:
         raise ValueError("config 'validation-examples' is 0, but early stopping and "
                          "lr-plateau watch the validation loss: set it >= 1 (e.g. 64)")

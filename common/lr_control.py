@@ -6,6 +6,12 @@ The plateau rule is torch's own: :class:`torch.optim.lr_scheduler.ReduceLROnPlat
 stepping a stand-in optimizer whose only job is to hold the current learning rate.
 Re-implementing the rule (patience, factor, cooldown, min lr, relative threshold) would
 be a second copy to keep in step with torch's; the stand-in costs one empty tensor.
+
+The optional increase ("bold driver": Vogl et al. 1988, "Accelerating the convergence of
+the back-propagation method"; Battiti 1989, "Accelerated backpropagation learning: two
+optimization methods") is hand-written: neither torch nor transformers has a scheduler
+that raises the rate when the loss improves. It reads torch's own verdict (did the step
+move ``best``?), so "improved" uses exactly torch's relative threshold.
 """
 
 from __future__ import annotations
@@ -22,19 +28,27 @@ _PLATEAU_STATE = ("best", "num_bad_epochs", "cooldown_counter", "last_epoch", "_
 
 
 class PlateauLR:
-    """The clients' peak learning rate, cut by ``factor`` when the loss stops improving.
+    """The clients' peak learning rate, cut by ``factor`` when the loss stops improving
+    and, with ``increase`` > 1, raised when it improves.
 
     ``ReduceLROnPlateau(mode='min', threshold_mode='rel')``: a loss counts as better
     when it is below ``best * (1 - threshold)``; after more than ``patience`` rounds
     without one, lr <- max(lr * factor, min_lr), then ``cooldown`` rounds in which bad
     rounds are not counted. Source: torch.optim.lr_scheduler.ReduceLROnPlateau.
+    Bold driver (``increase`` > 1): after a round that was better, lr <- lr * increase,
+    capped at ``max_lr`` (0: no cap). A better round never cuts (torch resets its bad
+    count to 0 on it), so a round raises, cuts or keeps the rate, never two of these.
+    The first round always counts as better (torch's ``best`` starts at +inf).
+    ``increase`` 1.0 is torch's rule alone.
 
     Args (keyword-only): lr (the initial rate, > 0), factor in (0, 1), patience >= 0,
-    cooldown >= 0, min_lr >= 0, threshold >= 0. Raises ValueError on any other value.
+    cooldown >= 0, min_lr >= 0, threshold >= 0, increase >= 1, max_lr 0 or >= lr.
+    Raises ValueError on any other value.
     """
 
     def __init__(self, *, lr: float, factor: float, patience: int, cooldown: int = 0,
-                 min_lr: float = 0.0, threshold: float = 1e-4):
+                 min_lr: float = 0.0, threshold: float = 1e-4, increase: float = 1.0,
+                 max_lr: float = 0.0):
         if not lr > 0:
             raise ValueError(f"PlateauLR: lr must be > 0, got {lr}")
         if not 0.0 < factor < 1.0:
@@ -42,6 +56,11 @@ class PlateauLR:
         if patience < 0 or cooldown < 0 or min_lr < 0 or threshold < 0:
             raise ValueError("PlateauLR: patience, cooldown, min_lr and threshold must be >= 0, "
                              f"got {patience}, {cooldown}, {min_lr}, {threshold}")
+        if not (increase >= 1.0 and math.isfinite(increase)):
+            raise ValueError(f"PlateauLR: increase must be a finite number >= 1, got {increase}")
+        if not (max_lr == 0.0 or max_lr >= lr):
+            raise ValueError(f"PlateauLR: max_lr must be 0 (no cap) or >= lr {lr}, got {max_lr}")
+        self.increase, self.max_lr = float(increase), float(max_lr)
         # The stand-in optimizer: one empty parameter, never stepped; it holds the lr.
         self._holder = torch.optim.SGD([torch.zeros(0, requires_grad=True)], lr=lr)
         self._rule = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -55,7 +74,16 @@ class PlateauLR:
 
     def step(self, loss: float) -> float:
         """Record one round's loss (a NaN counts as no improvement); return the new lr."""
+        best_before = self._rule.best
         self._rule.step(math.inf if math.isnan(loss) else loss)
+        # torch moved `best` iff the loss beat it by the threshold: "improved". Not
+        # num_bad_epochs == 0, which torch also sets after a cut and during cooldown.
+        if self.increase > 1.0 and self._rule.best != best_before:
+            raised = self.lr * self.increase
+            if self.max_lr:
+                raised = min(raised, self.max_lr)
+            self._holder.param_groups[0]["lr"] = raised
+            self._rule._last_lr = [raised]  # what state_dict saves (torch's own field)
         return self.lr
 
     def state_dict(self) -> dict[str, Any]:
@@ -122,7 +150,8 @@ class LossControl:
         self.plateau = None if not cfg.lr_plateau else PlateauLR(
             lr=cfg.lr, factor=cfg.lr_plateau_factor, patience=cfg.lr_plateau_patience,
             cooldown=cfg.lr_plateau_cooldown, min_lr=cfg.lr_plateau_min_lr,
-            threshold=cfg.lr_plateau_threshold)
+            threshold=cfg.lr_plateau_threshold, increase=cfg.lr_plateau_increase,
+            max_lr=cfg.lr_plateau_max_lr)
         self.stopper = EarlyStopping(cfg.early_stopping_patience)
 
     @property

@@ -43,6 +43,83 @@ def test_plateau_rule_matches_the_hand_computed_sequence():
     assert [rule.step(loss) for loss in LOSSES] == pytest.approx(EXPECTED, rel=1e-12)
 
 
+# Bold driver on top: increase 2, cap 3e-3; factor 0.5, patience 0, cooldown 1, min lr
+# 1e-4, threshold 1e-3, from 1e-3.
+BOLD_LOSSES = [3.0, 2.9, 2.8, 2.85, 2.9, 2.799, 2.7, 2.7, float("nan"), 2.0, 2.1]
+# By hand ("better" = loss < best * (1 - 1e-3); a cut when bad rounds > 0):
+#  1: 3.0 better than +inf: raise              2e-3
+#  2: 2.9 better (< 2.997): raise to 4e-3, cap  3e-3
+#  3: 2.8 better (< 2.8971): at the cap         3e-3
+#  4: 2.85 bad 1 > 0: cut, cooldown 1           1.5e-3   (torch's bad count is 0 again:
+#  5: 2.9 bad, cooldown: not counted            1.5e-3    neither 4 nor 5 is "improved")
+#  6: 2.799 not < 2.7972: bad 1: cut            7.5e-4
+#  7: 2.7 better, in cooldown: raise            1.5e-3
+#  8: 2.7 not better: cut, cooldown 1           7.5e-4
+#  9: NaN: no improvement, cooldown             7.5e-4
+# 10: 2.0 better: raise                         1.5e-3
+# 11: 2.1 bad: cut                              7.5e-4
+BOLD_EXPECTED = [2e-3, 3e-3, 3e-3, 1.5e-3, 1.5e-3, 7.5e-4, 1.5e-3, 7.5e-4, 7.5e-4, 1.5e-3, 7.5e-4]
+BOLD = dict(lr_plateau_factor=0.5, lr_plateau_patience=0, lr_plateau_cooldown=1,
+            lr_plateau_min_lr=1e-4, lr_plateau_threshold=1e-3, lr_plateau_increase=2.0,
+            lr_plateau_max_lr=3e-3)
+
+
+def _bold() -> PlateauLR:
+    return PlateauLR(lr=1e-3, factor=0.5, patience=0, cooldown=1, min_lr=1e-4, threshold=1e-3,
+                     increase=2.0, max_lr=3e-3)
+
+
+def test_bold_driver_matches_the_hand_computed_sequence():
+    rule = _bold()
+    assert [rule.step(loss) for loss in BOLD_LOSSES] == pytest.approx(BOLD_EXPECTED, rel=1e-12)
+
+
+def test_increase_1_is_torchs_rule_exactly():
+    """increase 1.0 (the default) and no cap: the same lrs and state as torch's
+    ReduceLROnPlateau stepped directly, bit for bit."""
+    ours = PlateauLR(lr=1e-3, factor=0.5, patience=1, cooldown=1, min_lr=2e-4, threshold=1e-3,
+                     increase=1.0, max_lr=0.0)
+    holder = torch.optim.SGD([torch.zeros(0, requires_grad=True)], lr=1e-3)
+    torch_rule = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        holder, mode="min", factor=0.5, patience=1, cooldown=1, min_lr=2e-4, threshold=1e-3)
+    for loss in LOSSES:
+        torch_rule.step(math.inf if math.isnan(loss) else loss)
+        assert ours.step(loss) == holder.param_groups[0]["lr"]
+    assert ours.state_dict() == {k: torch_rule.state_dict()[k] for k in ours.state_dict()}
+
+
+@pytest.mark.parametrize("split", range(1, len(BOLD_LOSSES)))
+def test_bold_driver_state_round_trips_mid_sequence(split):
+    """Saved after any round (right after a raise, a cut, in cooldown), through JSON,
+    restored into a fresh rule: the rest is the uninterrupted run's, bit for bit."""
+    whole, first = _bold(), _bold()
+    lrs = [whole.step(loss) for loss in BOLD_LOSSES]
+    for loss in BOLD_LOSSES[:split]:
+        first.step(loss)
+    restored = _bold()
+    restored.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert restored.lr == lrs[split - 1] and restored.state_dict() == first.state_dict()
+    assert [restored.step(loss) for loss in BOLD_LOSSES[split:]] == lrs[split:]
+    assert restored.state_dict() == whole.state_dict()
+
+
+def test_bold_driver_settings_are_checked():
+    with pytest.raises(ValueError, match="increase must be a finite number >= 1"):
+        PlateauLR(lr=1e-3, factor=0.5, patience=0, increase=0.5)
+    with pytest.raises(ValueError, match="max_lr must be 0"):
+        PlateauLR(lr=1e-3, factor=0.5, patience=0, increase=2.0, max_lr=5e-4)
+    for bad in (0.99, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="'lr-plateau-increase' must be a finite number >= 1"):
+            RunConfig(lr_plateau_increase=bad)
+    with pytest.raises(ValueError, match="'lr-plateau-max-lr' must be >= 0"):
+        RunConfig(lr_plateau_max_lr=-1.0)
+    with pytest.raises(ValueError, match="'lr-plateau-max-lr' 0.0005 is below 'lr' 0.001"):
+        RunConfig(lr_plateau=True, lr=1e-3, lr_plateau_max_lr=5e-4)
+    with pytest.raises(ValueError, match="below .* 'lr-plateau-min-lr' 0.01"):
+        RunConfig(lr_plateau=True, lr=1e-3, lr_plateau_min_lr=1e-2, lr_plateau_max_lr=5e-3)
+    RunConfig(lr_plateau=True, lr=1e-3, lr_plateau_increase=1.5, lr_plateau_max_lr=1e-3)
+
+
 def test_plateau_settings_are_checked():
     with pytest.raises(ValueError, match="factor must be in"):
         PlateauLR(lr=1e-3, factor=1.0, patience=1)
@@ -62,13 +139,16 @@ def test_early_stopping_counts_rounds_since_the_best():
     assert not any(EarlyStopping(0, 1.0).update(9.0) for _ in range(5))  # 0 = off
 
 
-def test_controller_state_resumes_bit_exactly_through_the_run_folder(tmp_path):
-    cfg = RunConfig(**SETTINGS, early_stopping_patience=20, run_dir=str(tmp_path / "run"))
+@pytest.mark.parametrize("rule, losses", [({}, LOSSES), (BOLD, BOLD_LOSSES)],
+                         ids=["plateau", "bold-driver"])
+def test_controller_state_resumes_bit_exactly_through_the_run_folder(tmp_path, rule, losses):
+    cfg = RunConfig(**{**SETTINGS, **rule}, early_stopping_patience=20,
+                    run_dir=str(tmp_path / "run"))
     whole, split = LossControl(cfg), LossControl(cfg)
     whole.start(3.5), split.start(3.5)
-    for r, loss in enumerate(LOSSES, 1):
+    for r, loss in enumerate(losses, 1):
         whole.update(loss, r)
-    for r, loss in enumerate(LOSSES[:6], 1):
+    for r, loss in enumerate(losses[:6], 1):
         split.update(loss, r)
     run = RunFolder.create(cfg)
     run.save_state(ServerState(server_round=6, arrays={"a": np.zeros(2, np.float32)},
@@ -76,7 +156,7 @@ def test_controller_state_resumes_bit_exactly_through_the_run_folder(tmp_path):
     # a fresh controller restored from disk goes on exactly as the uninterrupted one
     restored = RoundControl(cfg, run, [{}], 0, ConfigRecord(), resumed_round=6).loss_control
     assert restored.state_dict() == split.state_dict()
-    for r, loss in enumerate(LOSSES[6:], 7):
+    for r, loss in enumerate(losses[6:], 7):
         restored.update(loss, r)
     assert json.dumps(restored.state_dict()) == json.dumps(whole.state_dict())
     assert restored.plateau.lr == whole.plateau.lr  # bit-equal, not approximately
@@ -149,6 +229,23 @@ def test_lr_reaches_the_clients_and_early_stopping_ends_the_federation(
     assert saved["rounds-saved"] == 3 and saved["mb-saved"] == pytest.approx(1.5)
     assert saved["seconds-saved"] == pytest.approx(6.0)
     assert json.loads((run.path / "early-stop.json").read_text())["stopped-after-round"] == 10
+
+
+def test_bold_driver_lr_travels_in_the_round_config(flower_identity, monkeypatch, tmp_path):
+    """The config keys reach the rule (RunConfig -> LossControl -> PlateauLR), and the
+    round config carries the raised and cut lrs the hand-computed sequence says."""
+    cfg = RunConfig(**{**SETTINGS, **BOLD}, run_dir=str(tmp_path / "run"))
+    losses = iter([3.5] + BOLD_LOSSES)
+    monkeypatch.setattr(control_module, "evaluate",
+                        lambda *a, **k: SimpleNamespace(loss=next(losses)))
+    train_config = ConfigRecord()
+    control = RoundControl(cfg, RunFolder.create(cfg), [{}], 0, train_config)
+    sent = [train_config["lr"]]
+    for server_round in range(len(BOLD_LOSSES) + 1):
+        control.observe(None, server_round)
+        sent.append(train_config["lr"])
+    assert sent[0] == sent[1] == 1e-3  # round 0 (before training) moves nothing
+    assert sent[2:] == pytest.approx(BOLD_EXPECTED, rel=1e-12)
 
 
 def test_without_plateau_no_lr_travels(flower_identity, tmp_path):
