@@ -50,7 +50,7 @@ FEDERATIONS = {  # equal client steps: 4 clients x 32 steps each
 SHOTS = [4, 8, 16, 32]
 QUERY, STEPS = 32, 8
 VAL_SHOTS, VAL_SEEDS, TEST_SEEDS = [8], [0, 1], [0, 1, 2]
-ADAPT_LRS = [1e-4, 3e-4, 1e-3]
+ADAPT_LRS = [1e-4, 3e-4, 1e-3, 3e-3]
 OBSERVED_LOAD = "see the report's load line"
 
 

@@ -278,8 +278,8 @@ def _load_run_data(dataset, data_format, categories, partitioner, partition_by,
     unseen = [c.strip() for c in meta_test.split(",") if c.strip()]
     needs_column = partitioner in ("natural", "dirichlet") or wanted or unseen
     if needs_column and partition_by not in ds.column_names:
-        raise ValueError(missing_column_message(dataset, partition_by, partitioner,
-                                                bool(wanted or unseen)))
+        filters = [k for k, v in (("categories", wanted), ("meta-test-categories", unseen)) if v]
+        raise ValueError(missing_column_message(dataset, partition_by, partitioner, filters))
     if wanted or unseen:
         ds = _filter_categories(ds, partition_by, wanted, unseen)
     ds = ds.shuffle(seed=seed)
@@ -327,17 +327,18 @@ def _filter_categories(ds, column: str, wanted: list[str], unseen: list[str]):
 
 
 def missing_column_message(dataset: str, partition_by: str, partitioner: str,
-                           filters: bool) -> str:
+                           filters: list[str]) -> str:
     """Why the partition column is needed, and the fix for each setting that needs it:
-    the natural and Dirichlet partitioners, and a category filter. A flag already
-    given (e.g. --partitioner iid) is never suggested again."""
+    the natural and Dirichlet partitioners, and each category filter set (`filters`:
+    the keys "categories" / "meta-test-categories" that are non-empty). A flag already
+    given (e.g. --partitioner iid) or a filter not set is never suggested."""
     uses, fixes = [], []
     if partitioner in ("natural", "dirichlet"):
         uses.append(f"the {partitioner} partitioner")
         fixes.append("--partitioner iid")
     if filters:
-        uses.append("the --categories / --meta-test-categories filter")
-        fixes.append("--categories '' --meta-test-categories ''")
+        uses.append(f"the {' / '.join('--' + k for k in filters)} filter")
+        fixes.append(" ".join(f"--{k} ''" for k in filters))
     return (f"dataset '{dataset}' has no column '{partition_by}' (partition-by), which "
             f"{' and '.join(uses)} need{'s' * (len(uses) == 1)}: set --partition-by to an "
             f"existing column, or {' '.join(fixes)}")

@@ -116,7 +116,10 @@ def test_personalize_on_unseen_tasks_prints_the_curve(tiny_model_dir, tmp_path):
                      "--query-examples", "8")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "unseen tasks c: 2 seeds each" in result.stdout
+    assert "2 adaptation steps at lr 0.0003" in result.stdout  # 0.3 x the run's 1e-3
     assert [int(k) for k in re.findall(r"^k=(\d+)", result.stdout, re.M)] == [0, 4, 8]
+    bad_lr = fedtune("personalize", str(run), "--adapt-lr", "-1")
+    assert bad_lr.returncode == 2 and "--adapt-lr must be > 0" in bad_lr.stderr
     trained_on = fedtune("personalize", str(run), "--unseen-categories", "a")
     assert trained_on.returncode == 2
     assert "task 'a' was not held out" in trained_on.stderr.strip().splitlines()[-1]
