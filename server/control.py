@@ -95,7 +95,12 @@ class RoundControl:
     def kept(self, arrays, rejected: bool):
         """lr-plateau-reject: the global adapter after this round. ``arrays`` (the round's
         aggregate, or the initial adapter) unless the round was rejected; then the last
-        accepted one, the same object, so the undo is bit-exact."""
+        accepted one, the same object, so the undo is bit-exact.
+
+        Flower's loop itself still holds the discarded aggregate (its ``Result.arrays``
+        too, which fedtune does not read). It hands it back here only after a round that
+        aggregated nothing; evaluation is deterministic and ``best`` only falls, so that
+        loss is again not better and the aggregate is discarded again."""
         if not rejected:
             self.accepted = arrays
         return self.accepted
