@@ -3,8 +3,8 @@ its own job (issue 16), on the built-in model in short runs a shared 2-core CPU 
 
 Sections (each a list of runs; a finished run folder is reused, runs are deterministic):
 - adaptive: FedAvg with the fixed cosine schedule vs lr-plateau + early stopping, at
-  two initial learning rates 10x apart: rounds to the fixed run's final loss, and the
-  spread of the final loss across the lr range.
+  initial learning rates 3e-4, 1e-3 and 3e-3: rounds to the fixed run's final loss, and
+  the spread of the final loss across the 10x lr range.
 - fedadam: FedAvg vs FedAdam at several server-eta on the same short run.
 - regularization: few examples per client and many local steps, task held-out loss and
   forgetting (loss on docs/examples/chat.jsonl, arithmetic chat no client trains on,
@@ -54,6 +54,12 @@ BOLD_4 = {**BOLD, "lr-plateau-factor": 0.25}
 # Both bold drivers overshot at 3e-3 (x2 twice: 1.2e-2) and early stopping ended the
 # run in the next round; this one shows what the rounds it cut would have done.
 BOLD_4_ON = {**BOLD_4, "early-stopping-patience": 0}
+# Battiti's full rule (lr-plateau-reject): the same x2 /4 driver, and a round that was
+# not better is undone (the next starts from the last accepted adapter). Early stopping
+# stays at patience 2: with the undo the global adapter never gets worse, so a stop can
+# no longer land on a damaged adapter (what happened above at 3e-3); it only saves the
+# rounds after two undone rounds in a row, when the rate has been cut 16x in vain.
+BOLD_REJECT = {**BOLD_4, "lr-plateau-reject": True}
 A_ROUNDS = {"num-server-rounds": 6, "local-steps": 2}
 B_ROUNDS = {"num-server-rounds": 4, "local-steps": 2, "lr": 1e-3}
 # Small data: 16 examples per client, 3 rounds x 4 local steps of batch 4 = 3 epochs.
@@ -64,6 +70,8 @@ SECTIONS = {
     "adaptive": {
         "cosine lr 3e-4": {**A_ROUNDS, **SAME_POOL, "lr": 3e-4},
         "cosine lr 3e-3": {**A_ROUNDS, **SAME_POOL, "lr": 3e-3},
+        # 1e-3: the demo's default lr, between the two
+        "cosine lr 1e-3": {**A_ROUNDS, **SAME_POOL, "lr": 1e-3},
         "plateau lr 3e-4": {**A_ROUNDS, **ADAPTIVE, "lr": 3e-4},
         "plateau lr 3e-3": {**A_ROUNDS, **ADAPTIVE, "lr": 3e-3},
         "bold driver x2 /2 lr 3e-4": {**A_ROUNDS, **BOLD, "lr": 3e-4},
@@ -72,6 +80,11 @@ SECTIONS = {
         "bold driver x2 /4 lr 3e-3": {**A_ROUNDS, **BOLD_4, "lr": 3e-3},
         "bold driver x2 /4 no early stop lr 3e-4": {**A_ROUNDS, **BOLD_4_ON, "lr": 3e-4},
         "bold driver x2 /4 no early stop lr 3e-3": {**A_ROUNDS, **BOLD_4_ON, "lr": 3e-3},
+        "bold driver x2 /4 reject lr 3e-4": {**A_ROUNDS, **BOLD_REJECT, "lr": 3e-4},
+        "bold driver x2 /4 reject lr 3e-3": {**A_ROUNDS, **BOLD_REJECT, "lr": 3e-3},
+        "bold driver x2 /4 reject lr 1e-3": {**A_ROUNDS, **BOLD_REJECT, "lr": 1e-3},
+        # the best spread before the undo (0.41x), at the middle lr too
+        "plateau lr 1e-3": {**A_ROUNDS, **ADAPTIVE, "lr": 1e-3},
     },
     # eta 3e-3 (the old default) learned slower than FedAvg in docs/algorithms.md
     "fedadam": {

@@ -248,6 +248,13 @@ class RunConfig:
         "lr-plateau: the highest lr an increase goes to (0: no cap; else >= lr).",
         default=0.0,
     )
+    lr_plateau_reject: bool = _opt(
+        "lr-plateau: undo a round whose validation loss did not improve by the threshold "
+        "(Battiti's 1989 bold driver): the server discards its aggregate and the next "
+        "round starts from the last accepted global adapter, at the cut lr; fedavg or "
+        "fedprox, lora-aggregation naive, no client-dp (true/false).",
+        default=False,
+    )
     optimizer: str = _opt(
         f"Client optimizer, one of {OPTIMIZERS}: AdamW with lr-schedule, or schedule-free "
         "AdamW (the schedulefree package; no schedule, constant lr after warmup-steps; "

@@ -135,12 +135,38 @@ def _check_lr_control(cfg: RunConfig) -> None:
         raise ValueError(f"config 'lr-plateau-max-lr' {cfg.lr_plateau_max_lr} is below 'lr' "
                          f"{cfg.lr} or 'lr-plateau-min-lr' {cfg.lr_plateau_min_lr}: set it "
                          "above both, or 0 for no cap")
+    if cfg.lr_plateau_reject:
+        _check_reject(cfg)
     if cfg.uses_validation and cfg.validation_examples < 1:
         raise ValueError("config 'validation-examples' is 0, but early stopping and "
                          "lr-plateau watch the validation loss: set it >= 1 (e.g. 64)")
     if cfg.optimizer == "adamw-schedulefree" and cfg.dp_sgd:
         raise ValueError("config 'optimizer' adamw-schedulefree cannot run under 'dp-sgd' "
                          "(Opacus' optimizer wrapper hides its train/eval switch): use adamw")
+
+# Undoing a round restores only the global adapter: where the server keeps more state
+# that the discarded round moved (an optimizer's moments, FedAvgM/Reptile's arrays, the
+# exact residual, the clipping norm and the accountant of client-dp), the undo would be
+# partial; and a rule without its lr (lr-plateau off) would retry the same step.
+_REJECT_STRATEGIES = ("fedavg", "fedprox")
+
+
+def _check_reject(cfg: RunConfig) -> None:
+    if not cfg.lr_plateau:
+        raise ValueError("config 'lr-plateau-reject' needs 'lr-plateau' true (its rule decides "
+                         "which rounds to undo): set --lr-plateau true")
+    if cfg.strategy not in _REJECT_STRATEGIES:
+        raise ValueError(f"config 'lr-plateau-reject' works with strategy {_REJECT_STRATEGIES} "
+                         f"only, got '{cfg.strategy}' (its server state would not be undone): "
+                         "use fedavg or set --lr-plateau-reject false")
+    if cfg.lora_aggregation != "naive":
+        raise ValueError("config 'lr-plateau-reject' works with 'lora-aggregation' naive only, "
+                         f"got '{cfg.lora_aggregation}': use naive or set --lr-plateau-reject false")
+    if cfg.client_dp != "off":
+        raise ValueError("config 'lr-plateau-reject' cannot run with 'client-dp' (a discarded "
+                         "release still counts in the privacy budget and the clipping state): "
+                         "set --client-dp off or --lr-plateau-reject false")
+
 
 def _check_lora_aggregation(cfg: RunConfig) -> None:
     _check_choice("lora-aggregation", cfg.lora_aggregation, LORA_AGGREGATIONS)

@@ -11,7 +11,11 @@ The optional increase ("bold driver": Vogl et al. 1988, "Accelerating the conver
 the back-propagation method"; Battiti 1989, "Accelerated backpropagation learning: two
 optimization methods") is hand-written: neither torch nor transformers has a scheduler
 that raises the rate when the loss improves. It reads torch's own verdict (did the step
-move ``best``?), so "improved" uses exactly torch's relative threshold.
+move ``best``?), so "improved" uses exactly torch's relative threshold. So is the
+undo of Battiti's full rule ('lr-plateau-reject': a step that did not lower the loss is
+discarded, the weights go back to the last accepted ones, and the rate is cut): torch's
+schedulers change only the rate, never the weights. This module says which round to
+undo (``LossControl.rejected``); server/control.py undoes it.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ class PlateauLR:
     capped at ``max_lr`` (0: no cap). A better round never cuts (torch resets its bad
     count to 0 on it), so a round raises, cuts or keeps the rate, never two of these.
     The first round always counts as better (torch's ``best`` starts at +inf).
-    ``increase`` 1.0 is torch's rule alone.
+    ``increase`` 1.0 is torch's rule alone. :attr:`improved` is the last step's verdict,
+    which 'lr-plateau-reject' reads to undo a round that was not better.
 
     Args (keyword-only): lr (the initial rate, > 0), factor in (0, 1), patience >= 0,
     cooldown >= 0, min_lr >= 0, threshold >= 0, increase >= 1, max_lr 0 or >= lr.
@@ -61,6 +66,7 @@ class PlateauLR:
         if not (max_lr == 0.0 or max_lr >= lr):
             raise ValueError(f"PlateauLR: max_lr must be 0 (no cap) or >= lr {lr}, got {max_lr}")
         self.increase, self.max_lr = float(increase), float(max_lr)
+        self.improved = False  # the last step's verdict: did the loss beat the best?
         # The stand-in optimizer: one empty parameter, never stepped; it holds the lr.
         self._holder = torch.optim.SGD([torch.zeros(0, requires_grad=True)], lr=lr)
         self._rule = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -78,7 +84,8 @@ class PlateauLR:
         self._rule.step(math.inf if math.isnan(loss) else loss)
         # torch moved `best` iff the loss beat it by the threshold: "improved". Not
         # num_bad_epochs == 0, which torch also sets after a cut and during cooldown.
-        if self.increase > 1.0 and self._rule.best != best_before:
+        self.improved = self._rule.best != best_before
+        if self.increase > 1.0 and self.improved:
             raised = self.lr * self.increase
             if self.max_lr:
                 raised = min(raised, self.max_lr)
@@ -153,6 +160,10 @@ class LossControl:
             threshold=cfg.lr_plateau_threshold, increase=cfg.lr_plateau_increase,
             max_lr=cfg.lr_plateau_max_lr)
         self.stopper = EarlyStopping(cfg.early_stopping_patience)
+        # lr-plateau-reject: the last round is undone when the plateau rule did not
+        # count it as better (server/control.py restores the last accepted adapter)
+        self.reject = bool(cfg.lr_plateau_reject) and self.plateau is not None
+        self.rejected = False
 
     @property
     def active(self) -> bool:
@@ -170,6 +181,7 @@ class LossControl:
         """One round's loss into both controllers; True when the run should stop."""
         if self.plateau is not None:
             self.plateau.step(loss)
+        self.rejected = self.reject and not self.plateau.improved
         return self.stopper.update(loss, server_round)
 
     def state_dict(self) -> dict[str, Any]:

@@ -118,17 +118,25 @@ class RoundHook:
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         server_round += self.offset
         if self.offset and server_round == self.offset:
+            if self.control is not None:  # the saved arrays: the last accepted adapter
+                self.control.kept(arrays, rejected=False)
             return None  # Flower's "round 0" of a resumed run: that round is in the history
         set_adapter_state(self.model, arrays.to_torch_state_dict())
         # lora-aggregation exact: the residual folded into the frozen weights (else none)
         set_residual(self.model, getattr(self.strategy, "residual", {}))
         row: dict = {"round": server_round}
+        if self.control is not None:  # validation loss, lr used and the next round's lr
+            row.update(self.control.observe(self.model, server_round))
+            # lr-plateau-reject (server/control.py): a round that was not better is undone
+            kept = self.control.kept(arrays, rejected=bool(row.get("rejected-round")))
+            if kept is not arrays:
+                arrays = kept
+                set_adapter_state(self.model, arrays.to_torch_state_dict())
+                self.strategy.next_arrays = arrays
         if self.evaluates(server_round):  # evaluation off or a skipped round: no eval columns
             row.update(evaluate(self.model, self.heldout, batch_size=self.cfg.eval_batch_size,
                                 pad_token_id=self.pad_id).row())
             release_memory()
-        if self.control is not None:  # validation loss, lr used and the next round's lr
-            row.update(self.control.observe(self.model, server_round))
         traffic, clients = getattr(self.strategy, "traffic", None), []
         if server_round > 0 and traffic is not None:
             clients = traffic.clients
@@ -215,6 +223,8 @@ def format_row(row: dict, *, eval_every: int = 0) -> str:
         line += f" | {row['failures']} failed, {row['rejected']} rejected"
     if row.get("aggregated") == 0:
         line += " | global adapter kept"
+    if row.get("rejected-round"):
+        line += " | round rejected (validation loss not better): previous global adapter kept"
     for key in ("epsilon", "client-epsilon"):
         if key in row:
             line += f" | {key} {row[key]:.2f}"

@@ -36,6 +36,9 @@ class _NoWire:
 
 
 def run_centralized(cfg: RunConfig, *, partition_id: int | None = None) -> RunFolder:
+    if cfg.lr_plateau_reject:  # the undo is the server's (server/control.py); untested here
+        raise ValueError("config 'lr-plateau-reject' works in federated runs only, not in "
+                         "`fedtune train`: set --lr-plateau-reject false")
     setup_process(cfg.num_threads)
     run = RunFolder.create(cfg)
     record_data_stats(run)

@@ -4,6 +4,13 @@ stopping (the end of the run). The rules are in ``common/lr_control.py``; this m
 evaluates, puts the lr in the round config, saves the state for ``--resume`` and ends
 the run.
 
+Undoing a round (``lr-plateau-reject``): when the rule says a round was not better,
+``RoundHook`` puts the last accepted global adapter back into the model, saves that one
+as the round's adapter and server state, and hands it to the strategy
+(``TrafficMixin.next_arrays``) for the next round, instead of the aggregate that
+Flower's loop would send; the history row says ``rejected-round`` 1. Flower's loop has
+no hook to replace its arrays, hence the strategy attribute.
+
 Ending the run: Flower's ``Strategy.start`` has no stop hook, so ``RoundHook`` (its
 ``evaluate_fn``, the last step of a round, after the round's state is saved) raises
 :class:`FederationStopped`, and ``server/app.py`` ``main`` catches it, reports what
@@ -41,6 +48,10 @@ class RoundControl:
         self.cfg, self.validation, self.pad_id = cfg, validation, pad_token_id
         self.train_config = train_config
         self.loss_control = LossControl(cfg)
+        # lr-plateau-reject: the last accepted global adapter (an ArrayRecord), set by
+        # `kept` from round 0 on (a resumed run's round 0: its saved arrays, which are
+        # the accepted ones, since the hook saves those)
+        self.accepted = None
         if resumed_round:
             self.loss_control.load_state_dict(run.load_state().control)
             if self.loss_control.stopper.stopped:
@@ -77,7 +88,22 @@ class RoundControl:
             return {"val-loss": loss}
         self.loss_control.update(loss, server_round)
         self._publish()
+        if self.loss_control.rejected:
+            return {"val-loss": loss, "lr": used, "rejected-round": 1}
         return {"val-loss": loss, "lr": used}
+
+    def kept(self, arrays, rejected: bool):
+        """lr-plateau-reject: the global adapter after this round. ``arrays`` (the round's
+        aggregate, or the initial adapter) unless the round was rejected; then the last
+        accepted one, the same object, so the undo is bit-exact.
+
+        Flower's loop itself still holds the discarded aggregate (its ``Result.arrays``
+        too, which fedtune does not read). It hands it back here only after a round that
+        aggregated nothing; evaluation is deterministic and ``best`` only falls, so that
+        loss is again not better and the aggregate is discarded again."""
+        if not rejected:
+            self.accepted = arrays
+        return self.accepted
 
     def stop_if_done(self, server_round: int) -> None:
         """Raise :class:`FederationStopped` when early stopping says so (round > 0)."""

@@ -79,8 +79,14 @@ class TrafficMixin:
         super().__init__(**kwargs)
         self.transport_dtype = transport_dtype
 
+    # lr-plateau-reject (server/control.py): set by the round hook after it undid a round;
+    # the next round starts from these arrays, not from Flower's latest aggregate.
+    next_arrays: ArrayRecord | None = None
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        if self.next_arrays is not None:
+            arrays, self.next_arrays = self.next_arrays, None
         config[TRANSPORT_DTYPE_KEY] = self.transport_dtype  # the client replies in it
         # Flower's strategy keeps `arrays` (FedOpt's current_arrays) in float32; only
         # the messages carry the cast copy, one for all (they share their content).
