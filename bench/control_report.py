@@ -18,7 +18,8 @@ OBSERVED_LOAD = {
     "adaptive": ("1.2 to 2.8 on the 2 cores (other engineers' tests and builds; 1.4 to 2.3 "
                  "for the runs added with lr-plateau-reject and lr 1e-3)"),
     "fedadam": "2.0 to 2.5 on the 2 cores (other engineers' tests and builds)",
-    "regularization": "4 to 8 on the 2 cores (other engineers' builds and benchmarks)",
+    "regularization": ("1.0 to 2.9 on the 2 cores (another benchmark, bench/meta.py, and a "
+                       "test run shared the machine)"),
 }
 HEADINGS = {"adaptive": "## 1. ", "fedadam": "## 2. ", "regularization": "## 3. "}
 READING = "\n## Reading the numbers"

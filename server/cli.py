@@ -432,7 +432,7 @@ def _kshot_command(args: argparse.Namespace, cfg: RunConfig, tasks: list[str], s
                    query_examples=args.query_examples, seeds=list(range(args.seeds)))
     report = kshot_report(cfg, read_adapter_weights(source.path), eps, steps=args.k_steps,
                           lr=args.adapt_lr or ADAPT_LR_FACTOR * cfg.lr)
-    print(f"unseen tasks {','.join(tasks)}: {args.seeds} seeds each, {args.query_examples} "
+    print(f"unseen tasks {','.join(tasks)}: {args.seeds} seed{'s' * (args.seeds != 1)} each, {args.query_examples} "
           f"query examples, {args.k_steps} adaptation steps at lr "
           f"{args.adapt_lr or ADAPT_LR_FACTOR * cfg.lr:g}")
     for k, (mean, std) in report.curve().items():
