@@ -252,7 +252,8 @@ class RunConfig:
         "lr-plateau: undo a round whose validation loss did not improve by the threshold "
         "(Battiti's 1989 bold driver): the server discards its aggregate and the next "
         "round starts from the last accepted global adapter, at the cut lr; fedavg or "
-        "fedprox, lora-aggregation naive, no client-dp (true/false).",
+        "fedprox, lora-aggregation naive, no client-dp, lr-plateau-patience and "
+        "lr-plateau-cooldown 0 (true/false).",
         default=False,
     )
     optimizer: str = _opt(

@@ -135,6 +135,15 @@ def _check_lr_control(cfg: RunConfig) -> None:
         raise ValueError(f"config 'lr-plateau-max-lr' {cfg.lr_plateau_max_lr} is below 'lr' "
                          f"{cfg.lr} or 'lr-plateau-min-lr' {cfg.lr_plateau_min_lr}: set it "
                          "above both, or 0 for no cap")
+    if not cfg.lr_plateau:  # its settings would do nothing: say so rather than run without
+        defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+        changed = [f"'{name.replace('_', '-')}' {getattr(cfg, name)!r}" for name in defaults
+                   if name.startswith("lr_plateau_") and name != "lr_plateau_reject"
+                   and getattr(cfg, name) != defaults[name]]
+        if changed:
+            raise ValueError(f"config {', '.join(changed)} set but 'lr-plateau' is false, so "
+                             "they would do nothing: add --lr-plateau true (and usually "
+                             "--lr-schedule constant), or drop them")
     if cfg.lr_plateau_reject:
         _check_reject(cfg)
     if cfg.uses_validation and cfg.validation_examples < 1:
@@ -155,6 +164,15 @@ def _check_reject(cfg: RunConfig) -> None:
     if not cfg.lr_plateau:
         raise ValueError("config 'lr-plateau-reject' needs 'lr-plateau' true (its rule decides "
                          "which rounds to undo): set --lr-plateau true")
+    # Battiti's rule cuts the rate with every undo; torch's rule cuts only after
+    # `patience` bad rounds and ignores them during `cooldown`, so the undone round
+    # would be retried at the same rate from the same adapter.
+    for key, value in (("lr-plateau-patience", cfg.lr_plateau_patience),
+                       ("lr-plateau-cooldown", cfg.lr_plateau_cooldown)):
+        if value != 0:
+            raise ValueError(f"config 'lr-plateau-reject' needs '{key}' 0 (an undone round "
+                             f"must cut the lr, or the next one retries the same step), got "
+                             f"{value}: set --{key} 0")
     if cfg.strategy not in _REJECT_STRATEGIES:
         raise ValueError(f"config 'lr-plateau-reject' works with strategy {_REJECT_STRATEGIES} "
                          f"only, got '{cfg.strategy}' (its server state would not be undone): "

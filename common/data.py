@@ -320,8 +320,10 @@ def _filter_categories(ds, column: str, wanted: list[str], unseen: list[str]):
                                                if key == "categories" else ""))
     both = sorted(set(wanted) & set(unseen))
     if both:
-        raise ValueError(f"{both} are in both --categories (trained on) and "
-                         "--meta-test-categories (held out as unseen tasks): remove them from one")
+        raise ValueError(f"{both} are in both --categories (trained on; for the built-in data "
+                         "its default 'auto' is the four demo categories) and "
+                         "--meta-test-categories (held out as unseen tasks): remove them from "
+                         "one, or set --categories to the ones to train on")
     keep, drop = set(wanted), set(unseen)
     return ds.filter(lambda r: (not keep or r[column] in keep) and r[column] not in drop)
 

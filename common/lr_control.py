@@ -93,6 +93,12 @@ class PlateauLR:
             self._rule._last_lr = [raised]  # what state_dict saves (torch's own field)
         return self.lr
 
+    def seed(self, loss: float) -> None:
+        """Set torch's ``best`` to ``loss`` (the loss before training), so that the first
+        step counts as better only if it beats it. NaN/inf leave ``best`` at +inf."""
+        if math.isfinite(loss):
+            self._rule.best = float(loss)
+
     def state_dict(self) -> dict[str, Any]:
         """Counters and rate, JSON-serialisable (floats round-trip exactly through
         Python's json, which writes ``repr``; ``inf`` as ``Infinity``)."""
@@ -174,8 +180,12 @@ class LossControl:
 
     def start(self, loss: float) -> None:
         """The loss before training: early stopping's first 'best'. The plateau rule
-        starts at its first training round, as torch's does at its first epoch."""
+        starts at its first training round, as torch's does at its first epoch; except
+        under 'lr-plateau-reject', where round 1 must beat this loss too, or the undo
+        could keep a first round that made the model worse."""
         self.stopper.best = loss
+        if self.reject:
+            self.plateau.seed(loss)
 
     def update(self, loss: float, server_round: int) -> bool:
         """One round's loss into both controllers; True when the run should stop."""

@@ -81,9 +81,14 @@ def check_unseen(cfg: RunConfig, tasks: list[str]) -> None:
         if trained is not None and task in trained:
             raise ValueError(f"task '{task}' is in the run's categories ({','.join(trained)}): "
                              "its clients trained on it; choose a category the run left out")
+        if trained is None and not held:
+            raise ValueError(f"task '{task}' was not held out: the run trained on all of its "
+                             "data (no categories chosen, no meta-test-categories), so no task "
+                             "is unseen; train a run with --meta-test-categories (values of "
+                             f"its '{cfg.partition_by}' column)")
         if trained is None and task not in held:
             raise ValueError(f"task '{task}' was not held out: the run kept all categories and "
-                             f"held out only {sorted(held) or 'none'} (meta-test-categories)")
+                             f"held out only {sorted(held)} (meta-test-categories)")
 
 
 def episodes(cfg: RunConfig, tokenizer, *, tasks: list[str], shots: list[int],

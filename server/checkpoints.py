@@ -67,6 +67,28 @@ def check_resumable(state: ServerState, cfg: RunConfig, run_dir: Path) -> None:
         raise ValueError(f"run '{run_dir}' has already completed round {state.server_round} of "
                          f"'num-server-rounds' {cfg.num_server_rounds}: raise --num-server-rounds "
                          "to continue it")
+    _check_control_resumable(state, cfg, run_dir)
+
+
+def _check_control_resumable(state: ServerState, cfg: RunConfig, run_dir: Path) -> None:
+    """The controllers' state (server/control.py) must load under the new settings, and
+    a run that stopped early needs a larger patience: checked here, before the run
+    folder is touched (a refused resume must leave it as it was)."""
+    if not (cfg.lr_plateau or cfg.early_stopping_patience):
+        return
+    from common.lr_control import LossControl
+
+    if cfg.lr_plateau and "plateau" not in state.control:
+        raise ValueError(f"cannot resume '{run_dir}' with 'lr-plateau' on: it ran without it "
+                         "(no plateau state to continue): resume without --lr-plateau, or "
+                         "start a new run")
+    control = LossControl(cfg)
+    control.load_state_dict(state.control)
+    if control.stopper.stopped:
+        raise ValueError(
+            f"cannot resume '{run_dir}': it stopped early after round {state.server_round} "
+            f"({control.stopper.reason()}): raise --early-stopping-patience or set it to 0 "
+            "to train on")
 
 
 def library_versions() -> dict[str, str]:

@@ -113,9 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="adaptation steps (default: 5)")
     pers.add_argument("--unseen-categories", default=None, metavar="A,B",
                       help="tasks the run never trained on (default: its meta-test-categories)")
-    pers.add_argument("--shots", default="4,8,16,32", metavar="K,K",
+    pers.add_argument("--shots", default=None, metavar="K,K",
                       help="unseen tasks: support set sizes k (default: 4,8,16,32)")
-    pers.add_argument("--seeds", type=int, default=3, metavar="N",
+    pers.add_argument("--seeds", type=int, default=None, metavar="N",
                       help="unseen tasks: episodes per task, seeds 0..N-1 (default: 3)")
     pers.add_argument("--adapt-lr", type=float, default=None, metavar="LR",
                       help="unseen tasks: adaptation lr (default: 0.3 x the run's lr, the "
@@ -140,8 +140,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     for key, default, help_text in config_fields():
         # A bool may be given bare (--tensorboard) or with a value (--tensorboard false).
         flag = dict(nargs="?", const="true") if isinstance(default, bool) else {}
-        parser.add_argument(f"--{key}", dest=key, default=None, metavar="V",
-                            help=f"{help_text} (default: {default!r})", **flag)
+        # argparse %-formats help strings: a literal % in a config's text must be %%
+        text = f"{help_text} (default: {default!r})".replace("%", "%%")
+        parser.add_argument(f"--{key}", dest=key, default=None, metavar="V", help=text, **flag)
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -393,6 +394,12 @@ def personalize_command(args: argparse.Namespace) -> int:
     tasks = [t.strip() for t in tasks.split(",") if t.strip()]
     if tasks:
         return _kshot_command(args, cfg, tasks, source)
+    given = [flag for flag, value in (("--shots", args.shots), ("--seeds", args.seeds),
+                                      ("--adapt-lr", args.adapt_lr)) if value is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} set the k-shot protocol on unseen tasks, and "
+                         f"'{args.run_dir}' holds none out (no meta-test-categories): give "
+                         "--unseen-categories, or drop them")
     from common.personalize import personalize
 
     setup_process(cfg.num_threads)
@@ -410,6 +417,7 @@ def personalize_command(args: argparse.Namespace) -> int:
 # k-shot adaptation lr over the run's: at the run's own lr, 8 AdamW steps on 8 examples
 # made every trained adapter worse on its query set; 0.3x was best (docs/meta-learning.md).
 ADAPT_LR_FACTOR = 0.3
+DEFAULT_SHOTS, DEFAULT_SEEDS = "4,8,16,32", 3  # personalize --shots / --seeds
 
 
 def _kshot_command(args: argparse.Namespace, cfg: RunConfig, tasks: list[str], source) -> int:
@@ -417,6 +425,8 @@ def _kshot_command(args: argparse.Namespace, cfg: RunConfig, tasks: list[str], s
     from common.meta import check_unseen, episodes, kshot_report
     from common.model import load_tokenizer
 
+    args.shots = DEFAULT_SHOTS if args.shots is None else args.shots
+    args.seeds = DEFAULT_SEEDS if args.seeds is None else args.seeds
     try:
         shots = sorted({int(k) for k in args.shots.split(",") if k.strip()})
     except ValueError:

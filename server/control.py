@@ -52,13 +52,8 @@ class RoundControl:
         # `kept` from round 0 on (a resumed run's round 0: its saved arrays, which are
         # the accepted ones, since the hook saves those)
         self.accepted = None
-        if resumed_round:
+        if resumed_round:  # server/checkpoints.py check_resumable refused what cannot load
             self.loss_control.load_state_dict(run.load_state().control)
-            if self.loss_control.stopper.stopped:
-                raise ValueError(
-                    f"cannot resume '{run.path}': it stopped early after round {resumed_round} "
-                    f"({self.loss_control.stopper.reason()}): raise --early-stopping-patience "
-                    "or set it to 0 to train on")
         self._publish()
 
     @property

@@ -97,9 +97,11 @@ def print_summary(run_dir: Path, seconds: float, prompt: str = TRY_PROMPT) -> No
                     f"{history[1]['train-loss'] if len(history) > 1 else math.nan:.4f} -> "
                     f"{last.get('train-loss', math.nan):.4f}")
     elif lm:
-        drop = 1 - last["eval-perplexity"] / first["eval-perplexity"]
+        ratio = last["eval-perplexity"] / first["eval-perplexity"]
+        change = (f"{1 - ratio:.0%} lower" if ratio <= 1 else
+                  f"{ratio:.1f}x higher: the run made the model worse; lower --lr")
         headline = (f"held-out perplexity {first['eval-perplexity']:.2f} -> "
-                    f"{last['eval-perplexity']:.2f} ({drop:.0%} lower)")
+                    f"{last['eval-perplexity']:.2f} ({change})")
     else:
         headline = (f"held-out accuracy {first['eval-accuracy']:.3f} -> {last['eval-accuracy']:.3f}, "
                     f"macro-F1 {first['eval-macro-f1']:.3f} -> {last['eval-macro-f1']:.3f}")

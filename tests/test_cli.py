@@ -144,6 +144,7 @@ def test_every_flag_of_every_subcommand_shows_its_default_and_each_has_an_exampl
     subparsers = next(a for a in parser._actions if a.dest == "command")
     for name, sub in subparsers.choices.items():
         assert sub.epilog and "example" in sub.epilog and f"fedtune {name}" in sub.epilog, name
+        assert f"usage: fedtune {name}" in sub.format_help()  # argparse %-formats every help
         for action in sub._actions:
             if action.option_strings and action.dest != "help":
                 text = action.help or ""

@@ -125,6 +125,9 @@ def test_plateau_settings_are_checked():
         PlateauLR(lr=1e-3, factor=1.0, patience=1)
     with pytest.raises(ValueError, match="lr-plateau-factor"):
         RunConfig(lr_plateau_factor=0.0)
+    with pytest.raises(ValueError, match="'lr-plateau-factor' 0.25, 'lr-plateau-increase' 2.0 "
+                                         "set but 'lr-plateau' is false"):
+        RunConfig(lr_plateau_factor=0.25, lr_plateau_increase=2.0)  # would do nothing
     with pytest.raises(ValueError, match="validation-examples' is 0"):
         RunConfig(lr_plateau=True, validation_examples=0)
     with pytest.raises(ValueError, match="adamw-schedulefree cannot run under 'dp-sgd'"):
@@ -170,9 +173,13 @@ def test_resuming_a_run_that_stopped_early_is_refused(tmp_path):
     run = RunFolder.create(cfg)
     run.save_state(ServerState(server_round=1, arrays={"a": np.zeros(2, np.float32)},
                                config=cfg.to_mapping(), control=stopped.state_dict()))
+    from server.checkpoints import check_resumable  # before open_run touches the folder
+
+    more = cfg.replace(num_server_rounds=4)
     with pytest.raises(ValueError, match="stopped early after round 1 .* raise --early-stopping"):
-        RoundControl(cfg, run, [{}], 0, ConfigRecord(), resumed_round=1)
-    RoundControl(cfg.replace(early_stopping_patience=3), run, [{}], 0, resumed_round=1)
+        check_resumable(run.load_state(), more, run.path)
+    check_resumable(run.load_state(), more.replace(early_stopping_patience=3), run.path)
+    RoundControl(more.replace(early_stopping_patience=3), run, [{}], 0, resumed_round=1)
 
 
 SHAPES = {"b.weight": (3, 2), "a.weight": (2, 4)}

@@ -114,6 +114,31 @@ def test_a_rejected_round_is_undone_bit_exactly_and_the_lr_cut(flower_identity, 
     assert "round rejected (validation loss not better): previous global adapter kept" in line
 
 
+def test_a_first_round_worse_than_before_training_is_undone(flower_identity, monkeypatch,
+                                                            tmp_path):
+    """Round 1 is judged against round 0's validation loss (torch's rule alone would
+    count any first round as better): a diverged first round is undone, the lr cut."""
+    seen = []
+    run = _federate(_cfg(tmp_path, "run", rounds=2), [3.0, 3.5, 2.9], seen, monkeypatch,
+                    initial=_initial())
+    assert [r.get("rejected-round", 0) for r in run.history()] == [0, 1, 0]
+    assert [lr for _, lr in sorted(dict(seen).items())] == pytest.approx([1e-3, 2.5e-4])
+    first = _saved(run.path, "adapters/round-1")
+    assert all(np.array_equal(first[k], np.zeros(s, np.float32)) for k, s in SHAPES.items())
+
+
+def test_a_refused_resume_is_refused_before_the_run_folder_is_touched(tmp_path):
+    """check_resumable (the preflight of `fedtune simulate` and the first step of
+    open_run, before it rewinds or rewrites config.json) refuses turning lr-plateau on
+    (test_lr_control has the early-stopped case)."""
+    from server.checkpoints import check_resumable
+
+    plain = RunConfig(num_server_rounds=2)
+    state = SimpleNamespace(config=plain.to_mapping(), server_round=2, control={})
+    with pytest.raises(ValueError, match="with 'lr-plateau' on: it ran without it"):
+        check_resumable(state, RunConfig(**RULE, num_server_rounds=4), tmp_path)
+
+
 @pytest.mark.parametrize("stop_after", [2, 3])
 def test_resume_after_a_rejection_equals_the_uninterrupted_run(flower_identity, monkeypatch,
                                                                tmp_path, stop_after):
@@ -146,6 +171,9 @@ def test_bad_combinations_are_refused():
         RunConfig(**RULE, lora_aggregation="exact")
     with pytest.raises(ValueError, match="cannot run with 'client-dp'"):
         RunConfig(**RULE, client_dp="server-fixed")
+    for key in ("lr_plateau_patience", "lr_plateau_cooldown"):
+        with pytest.raises(ValueError, match=f"needs '{key.replace('_', '-')}' 0"):
+            RunConfig(**{**RULE, key: 1})
     RunConfig(**RULE, strategy="fedprox", proximal_mu=0.01)
 
 

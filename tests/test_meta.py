@@ -54,6 +54,8 @@ def test_check_unseen_refuses_trained_tasks(tmp_path):
     check_unseen(kept_all, ["c"])
     with pytest.raises(ValueError, match="task 'b' was not held out"):
         check_unseen(kept_all, ["b"])
+    with pytest.raises(ValueError, match="trained on all of its data .* --meta-test-categories"):
+        check_unseen(RunConfig(dataset="x.jsonl", categories=""), ["b"])
 
 
 def _ids(examples):
@@ -123,3 +125,13 @@ def test_personalize_on_unseen_tasks_prints_the_curve(tiny_model_dir, tmp_path):
     trained_on = fedtune("personalize", str(run), "--unseen-categories", "a")
     assert trained_on.returncode == 2
     assert "task 'a' was not held out" in trained_on.stderr.strip().splitlines()[-1]
+    plain = tmp_path / "plain"  # no task held out: the k-shot flags have nothing to act on
+    common_plain = [c for c in common if c not in ("--meta-test-categories", "c")]
+    assert fedtune("train", *common_plain, "--num-clients", "3",
+                   "--run-dir", str(plain)).returncode == 0
+    ignored = fedtune("personalize", str(plain), "--shots", "4", "--seeds", "2")
+    assert ignored.returncode == 2
+    assert ignored.stderr.strip().splitlines()[-1].endswith(
+        "--shots, --seeds set the k-shot protocol on unseen tasks, and "
+        f"'{plain}' holds none out (no meta-test-categories): give --unseen-categories, or "
+        "drop them")
