@@ -56,6 +56,7 @@ UNIT_WEIGHT_KEY = "unit-weight"  # in train replies: 1, for unweighted averaging
 LORA_AGGREGATIONS = ("naive", "exact", "svd", "alternating")  # common/lora_aggregation.py
 DISTILL_LOSSES = ("forward-kl", "reverse-kl", "jsd")  # common/objectives.py
 STUDENT_LAYER_CHOICES = ("spread", "similarity")  # common/student.py
+STUDENT_TRAINS = ("lora", "mlp")  # common/model.py: what of the student trains and travels
 
 
 def _opt(help: str, **kw: Any) -> Any:
@@ -301,6 +302,13 @@ class RunConfig:
         "'spread' (evenly spaced, first and last kept; DistilBERT), or comma separated "
         "layer indices (a deployment whose clients lack the run's dataset).",
         default="similarity",
+    )
+    student_train: str = _opt(
+        f"What of the student trains and travels, one of {STUDENT_TRAINS}: lora (LoRA on "
+        "lora-target-modules only), mlp (every decoder layer's MLP and the norms train "
+        "in full, as peft's modules_to_save, LoRA on the other target modules; the "
+        "embedding, tied to the LM head, stays frozen). docs/distillation.md measures both.",
+        default="lora",
     )
     # --- federation --------------------------------------------------------------
     strategy: str = _opt(f"Server strategy, one of {STRATEGIES}.", default="fedavg")
