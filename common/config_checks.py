@@ -120,15 +120,15 @@ def _check_distillation(cfg: RunConfig) -> None:
                 f"config 'student-layer-choice' lists {len(layers)} layers but "
                 f"'student-layers' is {cfg.student_layers}: list exactly that many")
     _check_choice("student-train", cfg.student_train, STUDENT_TRAINS)
-    if cfg.student_train != "lora" and not cfg.student_layers:
+    if cfg.student_train == "mlp" and not cfg.student_layers:
         raise ValueError(f"config 'student-train' {cfg.student_train!r} trains a student's full "
                          "weights and needs 'student-layers' > 0: set --student-layers N or "
                          "--student-train lora")
-    if cfg.student_train != "lora" and cfg.lora_aggregation != "naive":
+    if cfg.student_train == "mlp" and cfg.lora_aggregation != "naive":
         # the other aggregations rewrite LoRA factor pairs; full weights are averaged as is
         raise ValueError(f"config 'student-train' {cfg.student_train!r} needs lora-aggregation "
                          f"naive, got {cfg.lora_aggregation!r}: set --lora-aggregation naive")
-    if cfg.student_train != "lora" and cfg.dp_sgd:
+    if cfg.student_train == "mlp" and cfg.dp_sgd:
         # per-example gradients of ~40M full weights: not measured, nor Opacus' support
         # of every norm class, so refused rather than left to fail mid-round
         raise ValueError(f"config 'student-train' {cfg.student_train!r} is not supported with "

@@ -245,7 +245,7 @@ def lora_config(cfg: RunConfig):
     # SEQ_CLS makes peft train the new classifier head and save it with the adapter.
     task = TaskType.SEQ_CLS if cfg.task == "classification" else TaskType.CAUSAL_LM
     extra = {}
-    if cfg.student_train == "mlp":
+    if cfg.trains_student_mlp:
         # A student missing half its layers needs more capacity than LoRA to heal
         # (docs/distillation.md): its MLPs and norms train in full, as peft's
         # modules_to_save (a trainable copy, saved with the adapter, merged by
@@ -283,7 +283,7 @@ def get_model(cfg: RunConfig):
     key = (
         resolve_model_path(source), dtype, cfg.lora_r, cfg.lora_alpha,
         cfg.lora_dropout, cfg.lora_target_modules, cfg.seed, num_labels, cfg.ffa_lora,
-        cfg.device, cfg.gradient_checkpointing, cfg.student_train,
+        cfg.device, cfg.gradient_checkpointing, cfg.trains_student_mlp,
         attention_for(dtype, resolve_device(cfg.device), cfg.max_length),
     )
     if key not in _MODELS:
@@ -299,7 +299,7 @@ def get_model(cfg: RunConfig):
                 f"config 'lora-target-modules' = {cfg.lora_target_modules!r} does not fit "
                 f"model '{cfg.model}': {err}"
             ) from None
-        if cfg.student_train == "mlp" and not any(
+        if cfg.trains_student_mlp and not any(
                 ".modules_to_save." in name for name, _ in model.named_parameters()):
             raise ValueError(f"config 'student-train' mlp: model '{cfg.model}' has no modules "
                              f"named {' or '.join(STUDENT_MLP_MODULES)} to train in full: use "

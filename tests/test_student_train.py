@@ -94,7 +94,7 @@ def test_a_saved_mlp_student_reloads_and_merges_to_the_same_logits(tiny_cfg, tok
 
 
 def test_student_train_config_is_checked():
-    with pytest.raises(ValueError, match="'student-train' must be one of lora, mlp"):
+    with pytest.raises(ValueError, match="'student-train' must be one of auto, lora, mlp"):
         RunConfig(student_train="full")
     with pytest.raises(ValueError, match="needs 'student-layers' > 0"):
         RunConfig(student_train="mlp")
@@ -103,3 +103,11 @@ def test_student_train_config_is_checked():
     with pytest.raises(ValueError, match="not supported with dp-sgd"):
         RunConfig(student_train="mlp", student_layers=2, dp_sgd=True, dp_noise_multiplier=1.0)
     RunConfig(student_train="mlp", student_layers=2)  # the valid combination parses
+
+
+def test_student_train_auto_is_mlp_for_a_student_where_it_is_supported():
+    assert RunConfig(student_layers=2).trains_student_mlp
+    assert not RunConfig().trains_student_mlp  # no student: LoRA as always
+    assert not RunConfig(student_layers=2, student_train="lora").trains_student_mlp
+    assert not RunConfig(student_layers=2, lora_aggregation="exact").trains_student_mlp
+    assert not RunConfig(student_layers=2, dp_sgd=True, dp_noise_multiplier=1.0).trains_student_mlp
