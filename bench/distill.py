@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # bench.report, common: run as a script
 OBJECTIVES = {"no KD (CE only)": ["--distill-alpha", "1.0"],
               "forward KL": ["--distill-loss", "forward-kl"],
               "reverse KL": ["--distill-loss", "reverse-kl"],

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # bench.report, common: run as a script
 STUDENTS = {"MLPs in full + LoRA, KD": ["--student-train", "mlp"],
             "MLPs in full + LoRA, no KD (CE only)": ["--student-train", "mlp", "--distill-alpha", "1.0"],
             "LoRA only, KD": ["--student-train", "lora"]}
