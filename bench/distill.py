@@ -155,6 +155,7 @@ def main() -> None:
                [json.loads(line) for line in (teacher_dir / "history.jsonl").read_text().splitlines()])
     rows = [{"name": "teacher (30 layers, LoRA)", "run": teacher_dir, "history": teacher, "layers": 30,
              "steps-per-round": 4 * local_steps}]
+    out.mkdir(parents=True, exist_ok=True)  # with --teacher, no teacher run made it
     saved = out / "choices.json"  # evaluation only, but minutes on a loaded machine: once
     depths = [int(n) for n in args.layers.split(",")]
     known = {(c["depth"], c["choice"]): c for c in json.loads(saved.read_text())} if saved.exists() else {}
