@@ -257,7 +257,9 @@ def write_report(rows, speed, memory, choices, args, *, rounds, local_steps, ran
     base = rows[0]["history"][0]["eval-loss"]
     teacher = rows[0]["history"][-1]["eval-loss"]
     steps = rounds * local_steps * 4
-    command = "python " + " ".join(["bench/distill.py", *sys.argv[1:]])
+    import shlex
+
+    command = "python " + shlex.join(["bench/distill.py", *sys.argv[1:]])  # runnable as written
     lines = [
         "# Distillation to a smaller, faster student",
         "",
@@ -270,7 +272,7 @@ def write_report(rows, speed, memory, choices, args, *, rounds, local_steps, ran
         + (f"layers, fine-tuned federatedly (run 1), {rounds} rounds x 4 clients x {local_steps} "
            f"local steps = {steps} optimizer steps. " if args.teacher is None else
            f"layers, the finished run `{args.teacher}` ({(len(teacher_history(rows)) - 1)} "
-           "evaluations; `bench/distill_heal.py` trains it centrally, 48 steps). ")
+           "rounds; `bench/distill_heal.py` trains it centrally, 48 steps). ")
         + f"Every student: {student_steps} optimizer steps, "
         f"the same for each. Students: `--student-layers N "
         f"--student-layer-choice {args.choice} --student-train {args.student_train}` cut from "
