@@ -72,7 +72,8 @@ def main() -> None:
     for i in range(args.rounds + 1):
         cells = [f"{h[i]['eval-loss']:.4f} ({keep(h[i]['eval-loss'], base, best):.0%})" for h in rows.values()]
         print(f"| {i * step} | " + " | ".join(cells) + " |")
-    plot(rows, base, best, step, ROOT / "docs" / "distillation-heal.png")
+    suffix = "" if args.rounds == 10 else f"-r{args.rounds}"  # the default run's plot stays
+    plot(rows, base, best, step, ROOT / "docs" / f"distillation-heal{suffix}.png")
 
 
 def keep(loss: float, base: float, teacher: float) -> float:
