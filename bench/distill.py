@@ -15,6 +15,7 @@ Writes docs/distillation.md and docs/distillation.png.
 
     nice -n 10 python bench/distill.py            # short default (see docs/distillation.md)
     nice -n 10 python bench/distill.py --long     # 5 rounds x 10 local steps, r=32 students
+    nice -n 10 python bench/distill.py --student-train mlp   # students' MLPs train in full
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # bench.report, common: run as a script
 OBJECTIVES = {"no KD (CE only)": ["--distill-alpha", "1.0"],
               "forward KL": ["--distill-loss", "forward-kl"],
               "reverse KL": ["--distill-loss", "reverse-kl"],
@@ -125,6 +127,10 @@ def main() -> None:
                         help="local steps of each student run (default: the teacher's)")
     parser.add_argument("--eval-examples", type=int, default=32)
     parser.add_argument("--student-lora-r", type=int, default=None)
+    parser.add_argument("--teacher", type=Path, default=None,
+                        help="a finished teacher run folder to distil (default: train one federatedly)")
+    parser.add_argument("--student-train", default="lora", choices=("lora", "mlp"),
+                        help="what of each student trains and travels (config 'student-train')")
     parser.add_argument("--layers", default="15,10", help="student depths (default: 15,10 of 30)")
     parser.add_argument("--objectives", default=",".join(OBJECTIVES),
                         help="which of: " + ", ".join(OBJECTIVES))
@@ -144,9 +150,12 @@ def main() -> None:
     common = ["--num-server-rounds", str(rounds), "--local-steps", str(local_steps),
               "--eval-examples", str(args.eval_examples), "--num-threads", "1"]
     out = args.out / f"r{rounds}-s{local_steps}"
-    teacher_dir = out / "teacher"
-    teacher = simulate(teacher_dir, common)
-    rows = [{"name": "teacher (30 layers, LoRA)", "run": teacher_dir, "history": teacher, "layers": 30}]
+    teacher_dir = args.teacher.absolute() if args.teacher else out / "teacher"
+    teacher = (simulate(teacher_dir, common) if args.teacher is None else
+               [json.loads(line) for line in (teacher_dir / "history.jsonl").read_text().splitlines()])
+    rows = [{"name": "teacher (30 layers, LoRA)", "run": teacher_dir, "history": teacher, "layers": 30,
+             "steps-per-round": 4 * local_steps}]
+    out.mkdir(parents=True, exist_ok=True)  # with --teacher, no teacher run made it
     saved = out / "choices.json"  # evaluation only, but minutes on a loaded machine: once
     depths = [int(n) for n in args.layers.split(",")]
     known = {(c["depth"], c["choice"]): c for c in json.loads(saved.read_text())} if saved.exists() else {}
@@ -165,16 +174,20 @@ def main() -> None:
         for objective in objectives:
             slug = (f"student{layers}-{objective.split()[0].lower()}-{args.choice}-r{rank}"
                     f"-r{s_rounds}-s{s_steps}")
+            if args.student_train != "lora":  # LoRA-only runs keep their cached folders
+                slug += f"-{args.student_train}"
             flags = [*student_common, "--distill-teacher", str(teacher_dir), "--student-layers", str(layers),
                      "--student-layer-choice", args.choice, "--lora-r", str(rank),
-                     "--lora-alpha", str(2 * rank), *OBJECTIVES[objective]]
+                     "--lora-alpha", str(2 * rank), "--student-train", args.student_train,
+                     *OBJECTIVES[objective]]
             run_dir = out / slug
             if args.skip_missing and not (run_dir / "wall.txt").exists():
                 continue
             rows.append({"name": f"{layers} layers, {objective}", "run": run_dir, "layers": layers,
-                         "objective": objective, "history": simulate(run_dir, flags)})
+                         "objective": objective, "history": simulate(run_dir, flags),
+                         "steps-per-round": 4 * s_steps})
     # standalone models: the teacher merged, the best student of each size merged
-    exports = {"teacher": export(teacher_dir, out / "export-teacher")}
+    exports = {"teacher": export(teacher_dir, out / f"export-{teacher_dir.name}")}
     best = {}
     for row in rows[1:]:
         if row["layers"] not in best or row["history"][-1]["eval-loss"] < best[row["layers"]]["history"][-1]["eval-loss"]:
@@ -223,6 +236,17 @@ def compare_choices(teacher_dir: Path, depths: list[int], *, eval_examples: int)
     return result
 
 
+def teacher_history(rows) -> list[dict]:
+    return rows[0]["history"]
+
+
+def trained_params(run_dir: Path) -> int:
+    """Parameters in the run's saved adapter: what trained, and what each client sent."""
+    from common.adapters import find_adapter, read_adapter_weights
+
+    return sum(t.numel() for t in read_adapter_weights(find_adapter(str(run_dir)).path).values())
+
+
 def keep_ratio(loss: float, base: float, teacher: float) -> float:
     """Share of the teacher's held-out gain over the base model that ``loss`` keeps."""
     return (base - loss) / (base - teacher)
@@ -233,7 +257,9 @@ def write_report(rows, speed, memory, choices, args, *, rounds, local_steps, ran
     base = rows[0]["history"][0]["eval-loss"]
     teacher = rows[0]["history"][-1]["eval-loss"]
     steps = rounds * local_steps * 4
-    command = "python " + " ".join(["bench/distill.py", *sys.argv[1:]])
+    import shlex
+
+    command = "python " + shlex.join(["bench/distill.py", *sys.argv[1:]])  # runnable as written
     lines = [
         "# Distillation to a smaller, faster student",
         "",
@@ -243,23 +269,30 @@ def write_report(rows, speed, memory, choices, args, *, rounds, local_steps, ran
         "",
         f"Setting: SmolLM2-135M-Instruct (30 decoder layers), WordNet definitions split "
         f"naturally into 4 non-IID clients, FedAvg. Teacher: LoRA r=8 on all linear "
-        f"layers, fine-tuned federatedly (run 1), {rounds} rounds x 4 clients x {local_steps} "
-        f"local steps = {steps} optimizer steps. Every student: {student_steps} optimizer steps, "
+        + (f"layers, fine-tuned federatedly (run 1), {rounds} rounds x 4 clients x {local_steps} "
+           f"local steps = {steps} optimizer steps. " if args.teacher is None else
+           f"layers, the finished run `{args.teacher}` ({(len(teacher_history(rows)) - 1)} "
+           "rounds; `bench/distill_heal.py` trains it centrally, 48 steps). ")
+        + f"Every student: {student_steps} optimizer steps, "
         f"the same for each. Students: `--student-layers N "
-        f"--student-layer-choice {args.choice}` cut from the teacher's merged weights, LoRA "
-        f"r={rank} on all linear layers, fine-tuned federatedly with the teacher given as "
+        f"--student-layer-choice {args.choice} --student-train {args.student_train}` cut from "
+        "the teacher's merged weights, "
+        + (f"LoRA r={rank} on all linear layers" if args.student_train == "lora" else
+           f"MLPs and norms trained in full, LoRA r={rank} on the attention projections")
+        + ", fine-tuned federatedly with the teacher given as "
         "`--distill-teacher RUN` (run 2); KD runs use alpha 0.5, T 2. Held-out: the same "
         f"{args.eval_examples} examples for every run, loss over response tokens. Base model "
         f"held-out loss {base:.4f}, teacher {teacher:.4f}: the gain a student can keep is "
         f"{base - teacher:.4f}.",
         "",
-        "| model | layers | held-out loss (start) | held-out loss (end) | perplexity | keeps of the teacher's gain | wall (s) |",
-        "|---|---|---|---|---|---|---|",
+        "| model | layers | trained (= sent) params | held-out loss (start) | held-out loss (end) | perplexity | keeps of the teacher's gain | wall (s) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         h = row["history"]
         wall = float((row["run"] / "wall.txt").read_text())
-        lines.append(f"| {row['name']} | {row['layers']} | {h[0]['eval-loss']:.4f} | {h[-1]['eval-loss']:.4f} "
+        lines.append(f"| {row['name']} | {row['layers']} | {trained_params(row['run']) / 1e6:.1f}M "
+                     f"| {h[0]['eval-loss']:.4f} | {h[-1]['eval-loss']:.4f} "
                      f"| {h[-1]['eval-perplexity']:.2f} | {keep_ratio(h[-1]['eval-loss'], base, teacher):.0%} "
                      f"| {wall:.0f} |")
     lines += ["", "Start: round 0, before any training (for a student: the cut teacher).", "",
@@ -294,14 +327,14 @@ def plot(rows, base: float, teacher: float, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     for row in rows:
         h = row["history"]
-        ax.plot([r["round"] for r in h], [keep_ratio(r["eval-loss"], base, teacher) for r in h],
+        ax.plot([r["round"] * row["steps-per-round"] for r in h], [keep_ratio(r["eval-loss"], base, teacher) for r in h],
                 marker="o", label=row["name"],
                 linestyle="-" if row["layers"] == 30 or row["layers"] > 12 else "--")
     ax.axhline(0.9, color="grey", linestyle=":", label="90% of the teacher's gain")
     ax.axhline(0.0, color="black", linewidth=0.5)
-    ax.set_xlabel("round (4 clients x local steps each; teacher and students may differ)")
+    ax.set_xlabel("optimizer steps (rounds x 4 clients x local steps)")
     ax.set_ylabel("share of the teacher's held-out gain kept")
-    ax.set_title("Students cut from the teacher: keep-ratio per round")
+    ax.set_title("Students cut from the teacher: keep-ratio against steps")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -56,6 +56,7 @@ UNIT_WEIGHT_KEY = "unit-weight"  # in train replies: 1, for unweighted averaging
 LORA_AGGREGATIONS = ("naive", "exact", "svd", "alternating")  # common/lora_aggregation.py
 DISTILL_LOSSES = ("forward-kl", "reverse-kl", "jsd")  # common/objectives.py
 STUDENT_LAYER_CHOICES = ("spread", "similarity")  # common/student.py
+STUDENT_TRAINS = ("auto", "lora", "mlp")  # common/model.py: what of the student trains and travels
 
 
 def _opt(help: str, **kw: Any) -> Any:
@@ -303,6 +304,15 @@ class RunConfig:
         "layer indices (a deployment whose clients lack the run's dataset).",
         default="similarity",
     )
+    student_train: str = _opt(
+        f"What of the student trains and travels, one of {STUDENT_TRAINS}: lora (LoRA on "
+        "lora-target-modules only), mlp (every decoder layer's MLP and the norms train "
+        "in full, as peft's modules_to_save, LoRA on the other target modules; the "
+        "embedding, tied to the LM head, stays frozen), auto (mlp for a student "
+        "(student-layers > 0) unless dp-sgd or a lora-aggregation other than naive, "
+        "else lora). docs/distillation.md measures both.",
+        default="auto",
+    )
     # --- federation --------------------------------------------------------------
     strategy: str = _opt(f"Server strategy, one of {STRATEGIES}.", default="fedavg")
     proximal_mu: float = _opt(
@@ -469,6 +479,13 @@ class RunConfig:
         for attr, value in dp_recipe_changes(self).items():
             object.__setattr__(self, attr, value)  # frozen: resolved once, here
         validate(self)
+
+    @property
+    def trains_student_mlp(self) -> bool:
+        """'student-train' resolved: do the student's MLPs and norms train in full?"""
+        if self.student_train == "auto":
+            return bool(self.student_layers) and not self.dp_sgd and self.lora_aggregation == "naive"
+        return self.student_train == "mlp"
 
     @property
     def student_layer_list(self) -> list[int]:

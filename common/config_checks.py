@@ -11,7 +11,7 @@ from typing import Any
 from common.config import (
     BUILTIN_MODEL, CLIENT_DP_MODES, DATA_FORMATS, DISTILL_LOSSES, DP_GRAD_SAMPLE_MODES, DTYPES,
     KRUM_STRATEGIES, LORA_AGGREGATIONS, LR_SCHEDULES, ON_BAD_RECORDS, OPTIMIZERS,
-    PARTITIONERS, STRATEGIES, STUDENT_LAYER_CHOICES, TASKS, TRANSPORT_DTYPES, TRUNCATIONS,
+    PARTITIONERS, STRATEGIES, STUDENT_LAYER_CHOICES, STUDENT_TRAINS, TASKS, TRANSPORT_DTYPES, TRUNCATIONS,
     RunConfig, _attr, _check_choice,
 )
 
@@ -119,6 +119,20 @@ def _check_distillation(cfg: RunConfig) -> None:
             raise ValueError(
                 f"config 'student-layer-choice' lists {len(layers)} layers but "
                 f"'student-layers' is {cfg.student_layers}: list exactly that many")
+    _check_choice("student-train", cfg.student_train, STUDENT_TRAINS)
+    if cfg.student_train == "mlp" and not cfg.student_layers:
+        raise ValueError(f"config 'student-train' {cfg.student_train!r} trains a student's full "
+                         "weights and needs 'student-layers' > 0: set --student-layers N or "
+                         "--student-train lora")
+    if cfg.student_train == "mlp" and cfg.lora_aggregation != "naive":
+        # the other aggregations rewrite LoRA factor pairs; full weights are averaged as is
+        raise ValueError(f"config 'student-train' {cfg.student_train!r} needs lora-aggregation "
+                         f"naive, got {cfg.lora_aggregation!r}: set --lora-aggregation naive")
+    if cfg.student_train == "mlp" and cfg.dp_sgd:
+        # per-example gradients of ~40M full weights: not measured, nor Opacus' support
+        # of every norm class, so refused rather than left to fail mid-round
+        raise ValueError(f"config 'student-train' {cfg.student_train!r} is not supported with "
+                         "dp-sgd: use --student-train lora, or --dp-sgd false")
 
 def _check_lr_control(cfg: RunConfig) -> None:
     if not 0.0 < cfg.lr_plateau_factor < 1.0:

@@ -233,17 +233,35 @@ def _transformers_errors_only():
         hf_logging.set_verbosity(level)
 
 
+# student-train mlp: peft matches modules_to_save by name suffix ('norm': every RMSNorm
+# of a Llama-family decoder, the final one included) and exclude_modules as a regex
+STUDENT_MLP_MODULES = ("mlp", "norm")
+STUDENT_MLP_LORA_EXCLUDE = r".*\.mlp\..*"
+
+
 def lora_config(cfg: RunConfig):
     from peft import LoraConfig, TaskType
 
     # SEQ_CLS makes peft train the new classifier head and save it with the adapter.
     task = TaskType.SEQ_CLS if cfg.task == "classification" else TaskType.CAUSAL_LM
+    extra = {}
+    if cfg.trains_student_mlp:
+        # A student missing half its layers needs more capacity than LoRA to heal
+        # (docs/distillation.md): its MLPs and norms train in full, as peft's
+        # modules_to_save (a trainable copy, saved with the adapter, merged by
+        # merge_and_unload), so the run folder, export and the wire need nothing new.
+        # LoRA stays on the other targets only: LoRA inside a module that is itself
+        # copied and trained would be trained twice over. The embedding (tied to the LM
+        # head, 28M of the 135M) stays frozen: the teacher's vocabulary is kept.
+        extra = {"modules_to_save": list(STUDENT_MLP_MODULES),
+                 "exclude_modules": STUDENT_MLP_LORA_EXCLUDE}
     return LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=cfg.target_module_list,
         task_type=task,
+        **extra,
     )
 
 
@@ -265,7 +283,7 @@ def get_model(cfg: RunConfig):
     key = (
         resolve_model_path(source), dtype, cfg.lora_r, cfg.lora_alpha,
         cfg.lora_dropout, cfg.lora_target_modules, cfg.seed, num_labels, cfg.ffa_lora,
-        cfg.device, cfg.gradient_checkpointing,
+        cfg.device, cfg.gradient_checkpointing, cfg.trains_student_mlp,
         attention_for(dtype, resolve_device(cfg.device), cfg.max_length),
     )
     if key not in _MODELS:
@@ -281,6 +299,11 @@ def get_model(cfg: RunConfig):
                 f"config 'lora-target-modules' = {cfg.lora_target_modules!r} does not fit "
                 f"model '{cfg.model}': {err}"
             ) from None
+        if cfg.trains_student_mlp and not any(
+                ".modules_to_save." in name for name, _ in model.named_parameters()):
+            raise ValueError(f"config 'student-train' mlp: model '{cfg.model}' has no modules "
+                             f"named {' or '.join(STUDENT_MLP_MODULES)} to train in full: use "
+                             "--student-train lora")
         # Over a 16-bit base, peft keeps LoRA weights float32 but a classifier head
         # (modules_to_save) is a copy in the base's dtype: train every weight in fp32.
         for param in model.parameters():

@@ -242,7 +242,8 @@ def test_a_clients_reply_holds_the_students_adapter_only(tiny_cfg, tmp_path, cac
     from client.app import train
 
     run, _ = _teacher_run(tiny_cfg, tmp_path)
-    cfg = tiny_cfg.replace(distill_teacher=str(run), student_layers=1, distill_loss="jsd")
+    cfg = tiny_cfg.replace(distill_teacher=str(run), student_layers=1, distill_loss="jsd",
+                           student_train="lora")
     student = get_model(cfg)
     expected = {k: tuple(v.shape) for k, v in adapter_state(student).items()}
     assert all("lora_" in k for k in expected)
