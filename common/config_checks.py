@@ -11,8 +11,8 @@ from typing import Any
 from common.config import (
     BUILTIN_MODEL, CLIENT_DP_MODES, DATA_FORMATS, DISTILL_LOSSES, DP_GRAD_SAMPLE_MODES, DTYPES,
     KRUM_STRATEGIES, LORA_AGGREGATIONS, LR_SCHEDULES, ON_BAD_RECORDS, OPTIMIZERS,
-    PARTITIONERS, STRATEGIES, STUDENT_LAYER_CHOICES, STUDENT_TRAINS, TASKS, TRANSPORT_DTYPES, TRUNCATIONS,
-    RunConfig, _attr, _check_choice,
+    PARTITIONERS, STRATEGIES, STUDENT_LAYER_CHOICES, STUDENT_TRAINS, TASKS, TRANSPORT_DTYPES,
+    TRUNCATIONS, RunConfig, _attr, _check_choice,
 )
 
 
@@ -133,6 +133,7 @@ def _check_distillation(cfg: RunConfig) -> None:
         # of every norm class, so refused rather than left to fail mid-round
         raise ValueError(f"config 'student-train' {cfg.student_train!r} is not supported with "
                          "dp-sgd: use --student-train lora, or --dp-sgd false")
+
 
 def _check_lr_control(cfg: RunConfig) -> None:
     if not 0.0 < cfg.lr_plateau_factor < 1.0:
