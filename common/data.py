@@ -24,6 +24,7 @@ from common.wordnet import WORDNET_DIR, wordnet_records  # noqa: F401 (re-export
 from common.records import (
     WHERE, DataStats, check_records, first_type_clash, read_csv_rows, read_text, with_where,
 )
+from common.token_cache import cached_split
 
 log = logging.getLogger(__name__)
 _FILE_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -539,23 +540,70 @@ def batches_once(examples: list[dict], batch_size: int, pad_token_id: int):
 @functools.lru_cache(maxsize=8)
 def partition_examples(cfg: RunConfig, partition_id: int, num_partitions: int,
                        tokenizer) -> list[dict]:
-    """One client's tokenized partition, built once per process."""
-    data = load_run_data(cfg, num_partitions)
-    part = data.partition(partition_id, cfg.max_examples_per_client)
-    return _tokenize(cfg, data, part, tokenizer)
+    """One client's tokenized partition, built once per process (and read from the token
+    cache when another process of the run, or an earlier run, built it)."""
+    if cfg.task == "classification":
+        data = load_run_data(cfg, num_partitions)
+        return _tokenize(cfg, data, data.partition(partition_id, cfg.max_examples_per_client),
+                         tokenizer)
+    return partition_split(cfg, partition_id, num_partitions, tokenizer)[0]
+
+
+def partition_split(cfg: RunConfig, partition_id: int, num_partitions: int,
+                    tokenizer) -> tuple[list[dict], DataStats]:
+    """A chat/instruction partition's examples and what became of its records."""
+    def records():
+        data = load_run_data(cfg, num_partitions)
+        return data.partition(partition_id, cfg.max_examples_per_client), data.fmt
+
+    return _cached(cfg, f"partition {partition_id} of {num_partitions}", tokenizer, records)
+
+
+def heldout_split(cfg: RunConfig, num_partitions: int, tokenizer) -> tuple[list[dict], DataStats]:
+    """The server's chat/instruction evaluation split ('eval-dataset' or held out)."""
+    def records():
+        data = load_run_data(cfg, num_partitions)  # the training data's checks, always
+        return eval_split(cfg) if cfg.eval_dataset else (data.heldout, data.fmt)
+
+    name = "eval-dataset" if cfg.eval_dataset else f"held-out of {num_partitions}"
+    return _cached(cfg, name, tokenizer, records)
+
+
+def validation_split(cfg: RunConfig, tokenizer) -> tuple[list[dict], DataStats]:
+    def records():
+        data = load_run_data(cfg, cfg.num_clients)
+        return data.validation, data.fmt
+
+    return _cached(cfg, "validation", tokenizer, records)
+
+
+def load_skipped(cfg: RunConfig, tokenizer) -> tuple:
+    """The records left out at load under on-bad-record 'skip', as (where, reason)."""
+    def build():
+        return [], DataStats(skipped=list(load_run_data(cfg, cfg.num_clients).skipped))
+
+    return tuple(cached_split(cfg, "load", tokenizer, build)[1].skipped)
+
+
+def _cached(cfg: RunConfig, name: str, tokenizer, records) -> tuple[list[dict], DataStats]:
+    def build():
+        ds, fmt = records()
+        return tokenize_records(ds, fmt, tokenizer, cfg.max_length, truncation=cfg.truncation,
+                                on_bad_record=cfg.on_bad_record)
+
+    return cached_split(cfg, name, tokenizer, build)
 
 
 @functools.lru_cache(maxsize=4)
 def heldout_examples(cfg: RunConfig, num_partitions: int, tokenizer) -> list[dict]:
     """The server's evaluation examples, tokenized: the 'eval-dataset' records when one
     is given, else the split held out of 'dataset'; none when evaluation is off."""
+    if cfg.task != "classification" and (cfg.eval_dataset or cfg.evaluates):
+        return heldout_split(cfg, num_partitions, tokenizer)[0]
     if cfg.eval_dataset:
         load_run_data(cfg, num_partitions)  # the training data's checks, as without one
-        ds, fmt = eval_split(cfg)
-        if cfg.task == "classification":  # label ids as in training: the training pool's
-            return tokenize_classification(ds, fmt, class_labels(cfg), tokenizer, cfg.max_length)
-        return tokenize_dataset(ds, fmt, tokenizer, cfg.max_length, truncation=cfg.truncation,
-                                on_bad_record=cfg.on_bad_record)
+        ds, fmt = eval_split(cfg)  # label ids as in training: the training pool's
+        return tokenize_classification(ds, fmt, class_labels(cfg), tokenizer, cfg.max_length)
     data = load_run_data(cfg, num_partitions)
     if not cfg.evaluates:
         return []
@@ -587,6 +635,8 @@ def _eval_split(source: str, data_format, eval_examples: int, seed: int):
 
 
 def validation_examples(cfg: RunConfig, tokenizer) -> list[dict]:
+    if cfg.task != "classification":
+        return validation_split(cfg, tokenizer)[0]
     data = load_run_data(cfg, cfg.num_clients)
     return _tokenize(cfg, data, data.validation, tokenizer)
 

@@ -42,15 +42,41 @@ class DataReport:
 
 
 def data_report(cfg: RunConfig, tokenizer) -> DataReport:
-    """Load, split and tokenize the run's data once, as training will.
+    """Load, split and tokenize the run's data once, as training will (each split through
+    the token cache, which the clients and the server then read: common/token_cache.py).
 
     Raises ValueError (one line, naming the partition and the fix) for a partition that
     cannot be drawn, is empty, or has no usable example.
     """
-    from common.data import eval_split, load_run_data, tokenize_records, _tokenize
+    if cfg.task == "classification":
+        return _classification_report(cfg, tokenizer)
+    from common.data import heldout_split, load_skipped, partition_split, validation_split
+
+    skipped = load_skipped(cfg, tokenizer)  # loads and checks the data on a cache miss
+    splits: dict[str, DataStats] = {}
+    parts = []  # (name, stats of the split)
+    if cfg.eval_dataset or cfg.evaluates:
+        parts.append(("eval-dataset" if cfg.eval_dataset else "held-out",
+                      lambda: heldout_split(cfg, cfg.num_clients, tokenizer)))
+    if cfg.uses_validation and cfg.validation_examples:
+        parts.append(("validation", lambda: validation_split(cfg, tokenizer)))
+    for partition_id in range(cfg.num_clients):
+        parts.append((f"client {partition_id}",
+                      lambda p=partition_id: partition_split(cfg, p, cfg.num_clients, tokenizer)))
+    for name, split in parts:
+        try:
+            splits[name] = split()[1]
+        except ValueError as err:
+            label = name.replace("client", "partition")
+            raise ValueError(f"{label}: {err}") from None
+    skipped = skipped + tuple(item for stats in splits.values() for item in stats.skipped)
+    return DataReport(splits=splits, skipped=skipped)
+
+
+def _classification_report(cfg: RunConfig, tokenizer) -> DataReport:
+    from common.data import _tokenize, eval_split, load_run_data
 
     data = load_run_data(cfg, cfg.num_clients)
-    splits: dict[str, DataStats] = {}
     parts = []  # (name, records, format)
     if cfg.eval_dataset:  # the server evaluates on its own file; nothing held out of dataset
         records, fmt = eval_split(cfg)
@@ -62,22 +88,16 @@ def data_report(cfg: RunConfig, tokenizer) -> DataReport:
     for partition_id in range(cfg.num_clients):
         parts.append((f"client {partition_id}",
                       data.partition(partition_id, cfg.max_examples_per_client), data.fmt))
+    splits: dict[str, DataStats] = {}
     for name, ds, fmt in parts:
-        try:
-            if cfg.task == "classification":  # one label per example: nothing to cut or mark
-                examples = _tokenize(cfg, data, ds, tokenizer, fmt=fmt)
-                splits[name] = DataStats(records=len(ds), kept=len(examples),
-                                         lengths=[len(e["input_ids"]) for e in examples])
-                continue
-            _, splits[name] = tokenize_records(
-                ds, fmt, tokenizer, cfg.max_length, truncation=cfg.truncation,
-                on_bad_record=cfg.on_bad_record)
+        try:  # one label per example: nothing to cut or mark
+            examples = _tokenize(cfg, data, ds, tokenizer, fmt=fmt)
         except ValueError as err:
             label = name.replace("client", "partition")
             raise ValueError(f"{label}: {err}") from None
-    skipped = tuple(data.skipped) + tuple(
-        item for stats in splits.values() for item in stats.skipped)
-    return DataReport(splits=splits, skipped=skipped)
+        splits[name] = DataStats(records=len(ds), kept=len(examples),
+                                 lengths=[len(e["input_ids"]) for e in examples])
+    return DataReport(splits=splits, skipped=tuple(data.skipped))
 
 
 def first_examples(cfg: RunConfig, tokenizer, count: int) -> list[dict]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any, Mapping
@@ -56,3 +57,20 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+@contextlib.contextmanager
+def all_cores():
+    """torch uses every core this process may run on inside the block, then its own
+    thread count again. For work that nothing runs beside: the server's evaluation
+    between rounds, while every client waits for the next round's message. Measured on
+    the demo's 96 held-out examples, 2 cores: 10.4 s at one thread, 6.0 s at two."""
+    import torch
+
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(max(before, cores or 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

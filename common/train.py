@@ -202,6 +202,10 @@ def evaluate(model: torch.nn.Module, examples: list[dict], *, batch_size: int,
 def _evaluate_causal_lm(model, examples, batch_size, pad_token_id) -> EvalStats:
     nll_sum, correct, count = 0.0, 0, 0
     device = next(model.parameters()).device
+    # shortest first: each batch pads to about its own length (the demo's held-out
+    # split: 6,000 instead of 7,280 padded tokens for 5,560 real ones); the sums do not
+    # depend on the order
+    examples = sorted(examples, key=lambda e: len(e["input_ids"]))
     for batch in batches_once(examples, batch_size, pad_token_id):
         batch = to_device(batch, device)
         logits, labels = response_logits(model, batch)

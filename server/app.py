@@ -15,7 +15,7 @@ from common.config import DP_EPSILON_KEY, RunConfig
 from common.data import heldout_examples, validation_examples
 from common.lora_aggregation import set_residual
 from common.model import adapter_state, get_model, load_tokenizer, set_adapter_state
-from common.runtime import config_from_run_config, release_memory, setup_process
+from common.runtime import all_cores, config_from_run_config, release_memory, setup_process
 from common.train import evaluate
 from server.privacy import client_level_epsilon
 from server.checkpoints import RunFolder, ServerState, check_resumable, record_data_stats
@@ -115,16 +115,9 @@ class RoundHook:
         return bool(self.heldout) and (server_round % self.cfg.eval_every == 0
                                        or server_round >= self.cfg.num_server_rounds)
 
-    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        server_round += self.offset
-        if self.offset and server_round == self.offset:
-            if self.control is not None:  # the saved arrays: the last accepted adapter
-                self.control.kept(arrays, rejected=False)
-            return None  # Flower's "round 0" of a resumed run: that round is in the history
-        set_adapter_state(self.model, arrays.to_torch_state_dict())
-        # lora-aggregation exact: the residual folded into the frozen weights (else none)
-        set_residual(self.model, getattr(self.strategy, "residual", {}))
-        row: dict = {"round": server_round}
+    def _evaluate(self, server_round: int, arrays: ArrayRecord, row: dict) -> ArrayRecord:
+        """Validation (lr control) and held-out columns into ``row``; returns the global
+        adapter after this round (the last accepted one when lr-plateau-reject undoes it)."""
         if self.control is not None:  # validation loss, lr used and the next round's lr
             row.update(self.control.observe(self.model, server_round))
             # lr-plateau-reject (server/control.py): a round that was not better is undone
@@ -137,6 +130,20 @@ class RoundHook:
             row.update(evaluate(self.model, self.heldout, batch_size=self.cfg.eval_batch_size,
                                 pad_token_id=self.pad_id).row())
             release_memory()
+        return arrays
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        server_round += self.offset
+        if self.offset and server_round == self.offset:
+            if self.control is not None:  # the saved arrays: the last accepted adapter
+                self.control.kept(arrays, rejected=False)
+            return None  # Flower's "round 0" of a resumed run: that round is in the history
+        set_adapter_state(self.model, arrays.to_torch_state_dict())
+        # lora-aggregation exact: the residual folded into the frozen weights (else none)
+        set_residual(self.model, getattr(self.strategy, "residual", {}))
+        row: dict = {"round": server_round}
+        with all_cores():  # the clients wait for this: the server may use every core
+            arrays = self._evaluate(server_round, arrays, row)
         traffic, clients = getattr(self.strategy, "traffic", None), []
         if server_round > 0 and traffic is not None:
             clients = traffic.clients

@@ -205,7 +205,6 @@ def check_inputs(cfg: RunConfig, *, pooled: bool = False) -> RunConfig:
     race to do it). `fedtune simulate` runs it in its child, before Ray starts.
     Returns the config the apps get (a distillation teacher's path made absolute)."""
     from common.datacheck import data_report
-    from common.data import load_run_data
     from common.model import check_target_modules, load_tokenizer, resolve_model_path
     from server.checkpoints import DATA_STATS_ENV
 
@@ -225,8 +224,7 @@ def check_inputs(cfg: RunConfig, *, pooled: bool = False) -> RunConfig:
     # tokenizer without a chat template stop the run before Ray starts, not in a client.
     report = data_report(cfg, load_tokenizer(cfg.model))
     os.environ[DATA_STATS_ENV] = json.dumps(report.to_json())  # the run folder records it
-    check_privacy_plan(cfg, load_run_data(cfg, cfg.num_clients),  # cached: no second load
-                       show=not pooled)
+    check_privacy_plan(cfg, show=not pooled)
     if cfg.resume_from:
         from server.checkpoints import RunFolder, check_resumable
 
@@ -235,7 +233,7 @@ def check_inputs(cfg: RunConfig, *, pooled: bool = False) -> RunConfig:
     return cfg
 
 
-def check_privacy_plan(cfg: RunConfig, data, *, show: bool = True) -> None:
+def check_privacy_plan(cfg: RunConfig, *, show: bool = True) -> None:
     """DP settings that no client could honour fail here, once, not in every client;
     ``show``: print each client's DP-SGD plan before training."""
     if cfg.dp_sgd:
@@ -244,6 +242,9 @@ def check_privacy_plan(cfg: RunConfig, data, *, show: bool = True) -> None:
 
         if show:
             say(f"fedtune: {describe_settings(cfg)}")
+        from common.data import load_run_data
+
+        data = load_run_data(cfg, cfg.num_clients)  # records, not examples, set the plan
         examples = 0
         for partition_id in range(cfg.num_clients):
             rows = len(data.partition(partition_id, cfg.max_examples_per_client))

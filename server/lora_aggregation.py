@@ -73,12 +73,12 @@ class LoraAggregationMixin:
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        replies = list(replies)
+        # In partition order (else node order): a float sum (Flower's FedAvg) or the QR
+        # of the stacked factors then does not depend on which reply came first, nor on
+        # the node ids a restarted simulation draws anew, and a resumed run stays bit-exact.
+        replies = sorted(replies, key=_client_order)
         arrays, metrics = super().aggregate_train(server_round, replies)
-        # In partition order (else node order): the QR of the stacked factors then does
-        # not depend on which reply came first, nor on the node ids a restarted
-        # simulation draws anew, and a resumed run stays bit-exact.
-        valid = sorted((r for r in replies if not r.has_error()), key=_client_order)
+        valid = [r for r in replies if not r.has_error()]
         if arrays is None or not valid:
             return arrays, metrics
         key = getattr(self, "weighted_by_key", NUM_EXAMPLES_KEY)
@@ -157,5 +157,5 @@ def _truncated_shape(key: str, shape: tuple, rank: int) -> tuple:
 
 
 def _client_order(reply: Message) -> tuple[float, int]:
-    metrics = reply.content[METRICS_KEY]
+    metrics = {} if reply.has_error() else reply.content.metric_records.get(METRICS_KEY, {})
     return float(metrics.get("partition-id", -1)), reply.metadata.src_node_id

@@ -33,6 +33,8 @@ def pytest_configure(config):
     _SCRATCH = Path(tempfile.mkdtemp(prefix="fedtune-tests-"))
     for name in ("TMPDIR", "RAY_TMPDIR"):
         os.environ[name] = str(_SCRATCH)
+    # tokenized splits of the tests' throwaway data: cached for the test run, not in ~/.cache
+    os.environ.setdefault("FEDTUNE_TOKEN_CACHE", str(_SCRATCH / "tokens"))
     tempfile.tempdir = str(_SCRATCH)
     if config.option.basetemp is None:
         config.option.basetemp = str(_SCRATCH / "pytest")

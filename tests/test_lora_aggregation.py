@@ -221,6 +221,41 @@ def test_strategy_modes_resume_bit_identically(mode, flower_identity):
     assert not np.allclose(whole[3][0]["head.weight"].numpy(), 0.1)
 
 
+class _ArrivalOrderGrid(EchoGrid):
+    """Replies in the order ``order`` gives them (Flower returns them as they arrive)."""
+
+    def __init__(self, nodes, answer, order):
+        super().__init__(nodes, answer)
+        self.order = order
+
+    def send_and_receive(self, messages, timeout=None):
+        return self.order(super().send_and_receive(messages, timeout))
+
+
+@pytest.mark.parametrize("mode", ["naive", "svd"])
+def test_the_aggregate_does_not_depend_on_which_reply_arrived_first(mode, flower_identity):
+    """A float sum over 4 clients depends on its order: replies are summed in partition
+    order, so a faster client cannot change the global adapter's bits."""
+    def answer(msg):
+        reply = _answer([])(msg)
+        reply.content["metrics"]["partition-id"] = msg.metadata.dst_node_id - 1
+        return reply
+
+    results = []
+    for order in (list, lambda replies: list(reversed(replies)),
+                  lambda replies: replies[2:] + replies[:2]):
+        strategy = build_strategy(RunConfig(num_clients=4, max_update_norm_ratio=0,
+                                            lora_aggregation=mode))
+        out = {}
+        strategy.start(grid=_ArrivalOrderGrid([1, 2, 3, 4], answer, order),
+                       initial_arrays=_initial(), num_rounds=2, train_config=ConfigRecord(),
+                       evaluate_fn=lambda r, arrays: out.update({r: arrays}))
+        results.append(out[2])
+    for other in results[1:]:
+        for k, a in results[0].items():
+            assert np.array_equal(a.numpy(), other[k].numpy()), k
+
+
 def test_exact_mode_counts_the_residual_in_bytes_sent(flower_identity):
     sent = {}
     for mode in ("naive", "exact"):
