@@ -106,8 +106,15 @@ def _source_identity(source: str) -> list | None:
 
 
 def _files_identity(path: Path) -> list:
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not _derived(p)) \
+        if path.is_dir() else [path]
     return [_file_identity(p) for p in files]
+
+
+def _derived(path: Path) -> bool:
+    """Files ``datasets`` writes next to a save_to_disk folder's data when it filters or
+    maps it (cache-<fingerprint>.arrow) and lock files: not the data itself."""
+    return (path.name.startswith("cache-") and path.suffix == ".arrow") or path.suffix == ".lock"
 
 
 def _file_identity(path: Path) -> tuple:

@@ -115,3 +115,19 @@ def test_hub_datasets_are_not_cached(tmp_path, tokenizer):
     cfg = RunConfig(dataset="someone/some-dataset")
     assert split_key(cfg, "partition 0 of 4", tokenizer) is None
     assert cache_folder().name  # the folder exists as a setting even when unused
+
+
+def test_a_saved_dataset_folder_keeps_its_key_when_datasets_adds_cache_files(cache, tmp_path,
+                                                                            tokenizer):
+    import datasets
+
+    rows = [json.loads(line) for line in
+            write_records(tmp_path / "d.jsonl", per_category=12).read_text().splitlines()]
+    folder = tmp_path / "saved"
+    datasets.Dataset.from_list(rows).save_to_disk(str(folder))
+    cfg = _cfg(folder)
+    key = split_key(cfg, "partition 0 of 2", tokenizer)
+    (folder / "cache-0123456789abcdef.arrow").write_bytes(b"what a filter wrote")
+    assert split_key(cfg, "partition 0 of 2", tokenizer) == key
+    (folder / "data-00000-of-00001.arrow").write_bytes(b"other data")
+    assert split_key(cfg, "partition 0 of 2", tokenizer) != key
