@@ -14,7 +14,8 @@ from common.config import (
     SERVER_ROUND_KEY, TRANSPORT_DTYPE_KEY, UNIT_WEIGHT_KEY, DP_EPSILON_KEY, RunConfig,
 )
 from common.dp import DP_REFUSAL_CODE, BudgetExhausted
-from common.data import batches_forever, local_examples, partition_examples
+from common.data import batches_forever, partition_examples
+from common.node_data import local_examples
 from common.lora_aggregation import (
     LORA_RESIDUAL_KEY, TRAIN_FACTOR_KEY, lora_rank, set_residual, set_trained_factor,
     truncate_to_rank,

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from common.data import local_examples
+from common.node_data import local_examples
 from tests.conftest import write_records
 
 
