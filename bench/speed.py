@@ -6,8 +6,9 @@ float32 LoRA weights under autocast), one step of each in turn so that other job
 hits both alike; then the held-out set evaluated by each, batch by batch in turn.
 Reports non-padding tokens per CPU second, the bf16/fp32 ratio, and each one's
 held-out loss after the same steps. The bf16 bare loop (forward, loss, backward, AdamW)
-gives the compute floor of a run: its CPU seconds per step and per evaluated example,
-times the run's steps and evaluations, over the cores.
+gives the compute floor of a run: its CPU seconds per padded token times every batch the
+demo's clients train (the same seeded batches as client/app.py), plus the held-out
+evaluations, over the cores.
 
 Part ``runs``: `fedtune simulate` as a user runs it, wall time and peak memory of the
 whole process tree (RSS summed, and PSS, which splits shared pages): the demo (its
@@ -17,9 +18,10 @@ held-out examples), each with dtype auto (bf16 here) and float32 on data tokeniz
 afresh, then auto again on the tokens the first run cached (common/token_cache.py).
 Runs are sequential: run this part on an idle machine.
 
-    python bench/speed.py                    # both parts (~20 min on an idle 2-core machine)
+    python bench/speed.py                    # both parts (~30 min on an idle 2-core machine)
     python bench/speed.py --part steps       # the per-step comparison only (~4 min)
     python bench/speed.py --part runs --only demo
+    python bench/speed.py --report-only      # rewrite the runs section from runs/bench-speed.json
 """
 
 from __future__ import annotations
@@ -47,11 +49,27 @@ IDENTICAL = ["--partitioner", "iid", "--categories", "", "--num-clients", "4",
 
 
 # --- part 1: steps ----------------------------------------------------------------------
+def step_batches(steps: int) -> list[dict]:
+    """Client 0's first ``steps`` + 1 batches (seed 0): the first warms up."""
+    import torch
+
+    from common.config import RunConfig
+    from common.data import batches_forever, partition_examples
+    from common.model import load_tokenizer
+
+    base = RunConfig()
+    tokenizer = load_tokenizer(base.model)
+    examples = partition_examples(base, 0, base.num_clients, tokenizer)
+    stream = batches_forever(examples, base.batch_size, tokenizer.pad_token_id,
+                             torch.Generator().manual_seed(0))
+    return [next(stream) for _ in range(steps + 1)]
+
+
 def measure_steps(steps: int) -> dict:
     import torch
 
     from common.config import RunConfig
-    from common.data import batches_forever, heldout_examples, partition_examples
+    from common.data import heldout_examples
     from common.model import get_model, load_tokenizer
     from common.objectives import causal_lm_loss
     from common.precision import autocast
@@ -61,11 +79,8 @@ def measure_steps(steps: int) -> dict:
     setup_process(1)
     base = RunConfig()
     tokenizer = load_tokenizer(base.model)
-    examples = partition_examples(base, 0, base.num_clients, tokenizer)
     heldout = heldout_examples(base, base.num_clients, tokenizer)
-    stream = batches_forever(examples, base.batch_size, tokenizer.pad_token_id,
-                             torch.Generator().manual_seed(0))
-    batches = [next(stream) for _ in range(steps + 1)]
+    batches = step_batches(steps)
     cfgs = {"fp32": base.replace(dtype="float32"), "bf16": base.replace(dtype="bfloat16")}
     models = {name: get_model(cfg) for name, cfg in cfgs.items()}
     # one optimizer per model for all steps, as in a client's round (train_steps makes
@@ -73,7 +88,7 @@ def measure_steps(steps: int) -> dict:
     optimizers = {name: make_optimizer(model, cfgs[name]) for name, model in models.items()}
     bare_model = models["bf16"]
     cpu = {"fp32": [], "bf16": [], "bare bf16": []}
-    tokens = 0
+    tokens = padded = 0
     for index, batch in enumerate(batches):
         for name, cfg in cfgs.items():
             start = time.process_time()
@@ -84,6 +99,7 @@ def measure_steps(steps: int) -> dict:
                 cpu[name].append(time.process_time() - start)
         if index:
             tokens += int(batch["attention_mask"].sum())
+            padded += batch["input_ids"].numel()
     # the bare floor: the same math without the loop around it (fresh optimizer state)
     optimizer = torch.optim.AdamW([p for p in bare_model.parameters() if p.requires_grad],
                                   lr=base.lr)
@@ -111,7 +127,8 @@ def measure_steps(steps: int) -> dict:
             count[name] += stats.count
     eval_loss = {name: nll[name] / count[name] for name in nll}
     eval_tokens = sum(int(sum(len(e["input_ids"]) for e in chunk)) for chunk in chunks)
-    return {"steps": steps, "tokens": tokens, "cpu": cpu, "eval-cpu": eval_cpu,
+    return {"steps": steps, "tokens": tokens, "padded-tokens": padded, "cpu": cpu,
+            "eval-cpu": eval_cpu,
             "eval-examples": len(heldout), "eval-tokens": eval_tokens, "eval-loss": eval_loss,
             "load": load_average()}
 
@@ -191,10 +208,11 @@ def measure_runs(only: list[str]) -> list[dict]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def runs_lines(results: list[dict], command: str, floor: dict | None) -> list[str]:
+def runs_lines(results: list[dict], command: str, floor: dict | None,
+               when: str | None = None) -> list[str]:
     lines = [
         "## Speed and memory: whole runs", "",
-        f"Measured by `{command}` on {machine()}, {today()}, one run at a time; "
+        f"Measured by `{command}` on {machine()}, {when or today()}, one run at a time; "
         f"load average after each run in the table. Wall: `fedtune simulate` start to exit. "
         "Memory: peak over samples (RSS every second, PSS every 5 s) of the whole process tree (the parent, the "
         "simulation child with the ServerApp, Ray's processes and actors), RSS summed "
@@ -231,19 +249,35 @@ def runs_lines(results: list[dict], command: str, floor: dict | None) -> list[st
 
 
 def demo_floor(steps_result: dict) -> dict:
-    """The demo's compute at the bare loop's speed, spread over the cores: 4 clients x 6
-    steps x 3 rounds of training and 4 evaluations of the held-out set."""
+    """The demo's compute at the bare loop's speed, spread over the cores: every batch
+    each client trains (the same seeded batches as client/app.py draws, all clients and
+    rounds) at the bare bf16 loop's CPU seconds per padded token, plus the held-out set
+    evaluated before round 1 and after each round."""
+    import torch
+
     from common.config import RunConfig
+    from common.data import batches_forever, partition_examples
+    from common.model import load_tokenizer
 
     cfg = RunConfig()
-    per_step = statistics.median(steps_result["cpu"]["bare bf16"])
-    per_eval = steps_result["eval-cpu"]["bf16"]
-    train = per_step * cfg.num_clients * cfg.local_steps * cfg.num_server_rounds
-    evals = per_eval * (cfg.num_server_rounds + 1)
+    tokenizer = load_tokenizer(cfg.model)
+    padded = 0
+    for partition_id in range(cfg.num_clients):
+        examples = partition_examples(cfg, partition_id, cfg.num_clients, tokenizer)
+        for server_round in range(1, cfg.num_server_rounds + 1):
+            seed = cfg.seed * 1_000_003 + server_round * 1_009 + partition_id  # client/app.py
+            stream = batches_forever(examples, cfg.batch_size, tokenizer.pad_token_id,
+                                     torch.Generator().manual_seed(seed),
+                                     group_by_length=cfg.group_by_length)
+            padded += sum(next(stream)["input_ids"].numel()
+                          for _ in range(cfg.local_steps * cfg.grad_accum))
+    per_token = sum(steps_result["cpu"]["bare bf16"]) / steps_result["padded-tokens"]
+    train = per_token * padded
+    evals = steps_result["eval-cpu"]["bf16"] * (cfg.num_server_rounds + 1)
     cores = os.cpu_count() or 1
     return {"seconds": (train + evals) / cores,
-            "how": f"{train:.0f} CPU s of bare bf16 training + {evals:.0f} CPU s of "
-                   f"evaluation, over {cores} cores"}
+            "how": f"{train:.0f} CPU s of bare bf16 training ({padded:,} padded tokens) + "
+                   f"{evals:.0f} CPU s of evaluation, over {cores} cores"}
 
 
 def _in_child(fn, *args):
@@ -260,12 +294,26 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=8, help="timed steps per dtype (default 8)")
     parser.add_argument("--only", default="demo,identical", help="runs: demo,identical")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-speed.json")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite the runs section from --out's saved measurements")
     args = parser.parse_args()
     command = "python bench/speed.py" + "".join(
         f" {flag} {value}" for flag, value in (("--part", args.part), ("--only", args.only))
         if value not in ("all", "demo,identical"))
     print(f"# {command} on {machine()}, {today()}, load average {load_average()}", flush=True)
     saved = json.loads(args.out.read_text()) if args.out.exists() else {}
+    if args.report_only:
+        if "runs" not in saved:
+            raise SystemExit(f"{args.out} holds no runs: run `python bench/speed.py` first")
+        steps = saved["steps"]
+        if "padded-tokens" not in steps:  # saved before it was recorded: the same batches
+            steps["padded-tokens"] = sum(b["input_ids"].numel()
+                                         for b in step_batches(steps["steps"])[1:])
+        write_section("speed-runs", runs_lines(saved["runs"], saved.get("runs-command", command),
+                                               demo_floor(steps), when=saved.get("runs-date")))
+        args.out.write_text(json.dumps(saved, indent=1))
+        print("wrote docs/benchmarks.md (runs section) from", args.out)
+        return 0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.part in ("steps", "all"):
         # in a child process: the runs below then start with none of its memory here
@@ -274,6 +322,7 @@ def main() -> int:
         args.out.write_text(json.dumps(saved, indent=1))
     if args.part in ("runs", "all"):
         saved["runs"] = measure_runs(args.only.split(","))
+        saved["runs-command"], saved["runs-date"] = command, today()
         floor = demo_floor(saved["steps"]) if "steps" in saved else None
         write_section("speed-runs", runs_lines(saved["runs"], command, floor))
     args.out.write_text(json.dumps(saved, indent=1))
