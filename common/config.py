@@ -94,7 +94,8 @@ class RunConfig:
     )
     num_threads: int = _opt(
         "torch threads per process (1 per simulated client: two threads per client "
-        "collapse when another process holds a core).",
+        "collapse when another process holds a core). The server's evaluation between "
+        "rounds, while every client waits, uses every core.",
         default=1,
     )
     # --- LoRA --------------------------------------------------------------------

@@ -203,13 +203,10 @@ def _is_classifier_adapter(folder: Path) -> bool:
 def run_evaluate(args: argparse.Namespace) -> int:
     from common.train import evaluate
 
-    from common.runtime import all_cores
-
     loaded = _load(args)
     cfg, examples, data = _evaluation_data(args, loaded)
-    with all_cores():  # as the server evaluates, so that the numbers agree
-        stats = evaluate(loaded.model, examples, batch_size=cfg.eval_batch_size,
-                         pad_token_id=loaded.tokenizer.pad_token_id)
+    stats = evaluate(loaded.model, examples, batch_size=cfg.eval_batch_size,
+                     pad_token_id=loaded.tokenizer.pad_token_id)
     classify = loaded.labels is not None
     result = {"adapter": str(loaded.source.path) if loaded.source else None, "model": cfg.model,
               "data": data, "examples": len(examples),

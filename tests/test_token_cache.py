@@ -131,3 +131,63 @@ def test_a_saved_dataset_folder_keeps_its_key_when_datasets_adds_cache_files(cac
     assert split_key(cfg, "partition 0 of 2", tokenizer) == key
     (folder / "data-00000-of-00001.arrow").write_bytes(b"other data")
     assert split_key(cfg, "partition 0 of 2", tokenizer) != key
+
+
+@pytest.mark.parametrize("damage", [
+    lambda b: b"",  # empty (a crash before the write finished)
+    lambda b: b[: len(b) // 2],  # truncated
+    lambda b: b[:200] + bytes([b[200] ^ 0xFF]) + b[201:],  # one byte flipped
+])
+def test_any_damage_is_rebuilt_not_raised(cache, tmp_path, tokenizer, damage):
+    path = write_records(tmp_path / "d.jsonl", per_category=12)
+    cfg = _cfg(path)
+    built = data.partition_split(cfg, 0, 2, tokenizer)
+    (entry,) = cache.glob("*.npz")
+    entry.write_bytes(damage(entry.read_bytes()))
+    assert data.partition_split(cfg, 0, 2, tokenizer) == built
+
+
+def test_arrays_that_disagree_with_their_counts_are_rebuilt(cache, tmp_path, tokenizer):
+    import numpy as np
+
+    path = write_records(tmp_path / "d.jsonl", per_category=12)
+    cfg = _cfg(path)
+    built = data.partition_split(cfg, 0, 2, tokenizer)
+    (entry,) = cache.glob("*.npz")
+    with np.load(entry) as z:
+        arrays = dict(z)
+    arrays["input_ids"] = arrays["input_ids"][:-3]  # shorter than the lengths say
+    np.savez(entry, **arrays)
+    assert data.partition_split(cfg, 0, 2, tokenizer) == built
+
+
+def test_the_special_tokens_are_part_of_the_key(cache, tokenizer, tmp_path):
+    path = write_records(tmp_path / "d.jsonl", per_category=12)
+    cfg = _cfg(path)
+    key = split_key(cfg, "partition 0 of 2", tokenizer)
+    from common import token_cache
+
+    eos = tokenizer.eos_token
+    try:
+        tokenizer.eos_token = "<|endoftext|>"
+        token_cache._TOKENIZER_IDS.clear()
+        assert split_key(cfg, "partition 0 of 2", tokenizer) != key
+    finally:
+        tokenizer.eos_token = eos
+        token_cache._TOKENIZER_IDS.clear()
+    assert split_key(cfg, "partition 0 of 2", tokenizer) == key
+
+
+def test_a_bad_size_limit_is_one_line_naming_the_variable(cache, tmp_path, tokenizer,
+                                                          monkeypatch):
+    path = write_records(tmp_path / "d.jsonl", per_category=12)
+    monkeypatch.setenv("FEDTUNE_TOKEN_CACHE_MB", "1GB")
+    with pytest.raises(ValueError, match="FEDTUNE_TOKEN_CACHE_MB='1GB' is not a number"):
+        data.partition_split(_cfg(path), 0, 2, tokenizer)
+    assert not cache.exists()  # refused before any work
+
+
+@pytest.mark.parametrize("value", ["0", "off", "False", "no"])
+def test_words_for_off_turn_it_off(value, monkeypatch, tokenizer, tmp_path):
+    monkeypatch.setenv("FEDTUNE_TOKEN_CACHE", value)
+    assert split_key(_cfg(write_records(tmp_path / "d.jsonl")), "x", tokenizer) is None
