@@ -63,8 +63,9 @@ def release_memory() -> None:
 def all_cores():
     """torch uses every core this process may run on inside the block, then its own
     thread count again. For work that nothing runs beside: the server's evaluation
-    between rounds, while every client waits for the next round's message. Measured on
-    the demo's 96 held-out examples, 2 cores: 10.4 s at one thread, 6.0 s at two."""
+    between rounds, while every client waits for the next round's message. Measured once
+    (one-off script) on the demo's 96 held-out examples, 2 cores: 10.4 s at one thread,
+    6.0 s at two."""
     import torch
 
     before = torch.get_num_threads()
