@@ -62,6 +62,8 @@ BOLD_4_ON = {**BOLD_4, "early-stopping-patience": 0}
 BOLD_REJECT = {**BOLD_4, "lr-plateau-reject": True}
 A_ROUNDS = {"num-server-rounds": 6, "local-steps": 2}
 B_ROUNDS = {"num-server-rounds": 4, "local-steps": 2, "lr": 1e-3}
+# Flower's beta1 (0.9), named: the runs below keep meaning it if fedtune's default moves
+B_SERVER_09 = {**B_ROUNDS, "server-beta1": 0.9}
 # Small data: 16 examples per client, 3 rounds x 4 local steps of batch 4 = 3 epochs.
 C_BASE = {"num-server-rounds": 3, "local-steps": 4, "max-examples-per-client": 16,
           "lr": 3e-3, "lr-schedule": "constant", "lora-dropout": 0.0, "weight-decay": 0.0}
@@ -89,14 +91,36 @@ SECTIONS = {
     # eta 3e-3 (the old default) learned slower than FedAvg in docs/algorithms.md
     "fedadam": {
         "fedavg": {**B_ROUNDS},
-        "fedadam eta 1e-2": {**B_ROUNDS, "strategy": "fedadam", "server-eta": 1e-2},
-        "fedadam eta 2e-2": {**B_ROUNDS, "strategy": "fedadam", "server-eta": 2e-2},
-        "fedadam eta 3e-2": {**B_ROUNDS, "strategy": "fedadam", "server-eta": 3e-2},
+        "fedadam eta 1e-2": {**B_SERVER_09, "strategy": "fedadam", "server-eta": 1e-2},
+        "fedadam eta 2e-2": {**B_SERVER_09, "strategy": "fedadam", "server-eta": 2e-2},
+        "fedadam eta 3e-2": {**B_SERVER_09, "strategy": "fedadam", "server-eta": 3e-2},
         # eta 2e-2 led FedAvg after round 3, then overshot: a smaller step, or a larger
         # tau (Flower's epsilon under the root: steps closer to eta x update / tau)
-        "fedadam eta 1.5e-2": {**B_ROUNDS, "strategy": "fedadam", "server-eta": 1.5e-2},
-        "fedadam eta 2e-2 tau 1e-2": {**B_ROUNDS, "strategy": "fedadam", "server-eta": 2e-2,
+        "fedadam eta 1.5e-2": {**B_SERVER_09, "strategy": "fedadam", "server-eta": 1.5e-2},
+        "fedadam eta 2e-2 tau 1e-2": {**B_SERVER_09, "strategy": "fedadam", "server-eta": 2e-2,
                                       "server-tau": 1e-2},
+        # At tau 1e-3 the clients' updates (~1e-3 an entry after 2 AdamW steps) sit below
+        # tau, so sqrt(v) barely matters: the step is ~eta/tau x momentum, FedAvgM with a
+        # heavy (0.9) momentum that overshoots in round 4. Two ways out: no server
+        # momentum (beta1 0), or a tau far below the updates, where the step is Adam's
+        # per-entry normalized one (then eta is a per-entry step size, ~client lr x steps).
+        "fedadam eta 1e-2 beta1 0": {**B_ROUNDS, "strategy": "fedadam", "server-eta": 1e-2,
+                                     "server-beta1": 0.0},
+        "fedadam eta 1.5e-2 beta1 0": {**B_ROUNDS, "strategy": "fedadam", "server-eta": 1.5e-2,
+                                       "server-beta1": 0.0},
+        "fedadam eta 1e-3 tau 1e-6": {**B_SERVER_09, "strategy": "fedadam", "server-eta": 1e-3,
+                                      "server-tau": 1e-6},
+        "fedadam eta 3e-3 tau 1e-6": {**B_SERVER_09, "strategy": "fedadam", "server-eta": 3e-3,
+                                      "server-tau": 1e-6},
+        # Control: at tau 1e-3 FedAdam with beta1 0 moves ~1.3 to 2.2x FedAvg's update
+        # (eta sqrt(1 - beta2^(t+1)) / tau, sqrt(v) being ~1e-4 here): is it the longer
+        # step or the per-entry scaling? FedAvgM without momentum at a server lr of 1.7.
+        "fedavgm server-lr 1.7 momentum 0": {**B_ROUNDS, "strategy": "fedavgm",
+                                             "server-lr": 1.7, "server-momentum": 0.0},
+        # FedYogi shares server-beta1: the same pair, so its default is measured too
+        "fedyogi eta 1e-2": {**B_SERVER_09, "strategy": "fedyogi", "server-eta": 1e-2},
+        "fedyogi eta 1e-2 beta1 0": {**B_ROUNDS, "strategy": "fedyogi", "server-eta": 1e-2,
+                                     "server-beta1": 0.0},
     },
     # Early stopping is read off the 'none' run (see EARLY_STOP): the same pool, the same
     # validation split, so a run with --early-stopping-patience 1 is that run cut short.
@@ -133,7 +157,13 @@ def run(out: Path, section: str, name: str) -> dict:
     cfg = run_federation({**COMMON, **SECTIONS[section][name], "run-dir": str(folder)})
     from bench.control_report import commit
 
+    from common.model import resolve_device, resolve_dtype
+
+    # what 'auto' meant here (bf16 on a CPU with AMX / AVX-512 BF16, else float32): the
+    # losses of runs in different dtypes do not compare
+    dtype = resolve_dtype(cfg.dtype, resolve_device(cfg.device), dp_sgd=cfg.dp_sgd)
     result = {"name": name, "wall-seconds": time.perf_counter() - started, "commit": commit(),
+              "dtype": dtype,
               "history": [json.loads(l) for l in (folder / "history.jsonl").read_text().splitlines()]}
     stop = folder / "early-stop.json"
     result["early-stop"] = json.loads(stop.read_text()) if stop.exists() else None

@@ -8,6 +8,7 @@ import platform
 import time
 from pathlib import Path
 
+from bench.report import cpu_name
 from bench.report import plt as pyplot
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,7 +18,7 @@ DOC = ROOT / "docs" / "control.md"
 OBSERVED_LOAD = {
     "adaptive": ("1.2 to 2.8 on the 2 cores (other engineers' tests and builds; 1.4 to 2.3 "
                  "for the runs added with lr-plateau-reject and lr 1e-3)"),
-    "fedadam": "2.0 to 2.5 on the 2 cores (other engineers' tests and builds)",
+    "fedadam": "1.9 to 4.9 on the 2 cores (a full test suite ran beside most of the runs)",
     "regularization": ("1.0 to 2.9 on the 2 cores (another benchmark, bench/meta.py, and a "
                        "test run shared the machine)"),
 }
@@ -98,10 +99,13 @@ def write_report(results: dict, args) -> None:
         if results.get(name):
             block = build[name](results[name])
             commits = sorted({r["commit"] for r in results[name].values() if "commit" in r})
+            dtypes = sorted({r["dtype"] for r in results[name].values() if "dtype" in r})
             block[1:1] = ["", f"Measured {time.strftime('%Y-%m-%d')}, runs at commit "
                           f"{', '.join(commits) or 'unrecorded'} (report at {commit()}) "
                           f"(`--sections {name}`). Load average (1 min) during the runs: "
-                          f"{OBSERVED_LOAD[name]}; when this report was written: {load[0]:.1f}."]
+                          f"{OBSERVED_LOAD[name]}; when this report was written: {load[0]:.1f}."
+                          + (f" Compute dtype: {', '.join(dtypes)} (on {cpu_name()})."
+                             if dtypes else "")]
             lines += block
         elif name in kept:
             lines += kept[name].splitlines() + [""]
@@ -212,7 +216,9 @@ def fedadam_section(res: dict) -> list[str]:
     fedavg = res.get("fedavg")
     lines = ["## 2. FedAdam's server-eta", "",
              "4 rounds x 2 local steps, client lr 1e-3 with the cosine schedule, FedAdam with "
-             "Flower's defaults otherwise (beta1 0.9, beta2 0.99, tau 1e-3 unless named).", "",
+             "Flower's defaults otherwise (beta1 0.9, beta2 0.99, tau 1e-3 unless named). "
+             "FedAvgM without momentum (a FedAvg with a longer server step) and FedYogi are "
+             "controls, not candidates.", "",
              "| run | final held-out loss | vs FedAvg | held-out loss, rounds 1 to last |",
              "|---|---|---|---|"]
     for name, r in res.items():

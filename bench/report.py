@@ -15,7 +15,27 @@ DOC = ROOT / "docs" / "benchmarks.md"
 
 def machine() -> str:
     return (f"{platform.node() or 'this machine'} ({os.cpu_count()} CPU cores, "
-            f"{platform.processor() or platform.machine()}, no GPU)")
+            f"{cpu_name()}, no GPU)")
+
+
+def cpu_name() -> str:
+    """The CPU's model name and whether it multiplies bf16 natively, which decides what
+    `--dtype auto` computes in (common/precision.py): results of the two do not compare.
+    Read from /proc/cpuinfo's flags (amx_tile, avx512_bf16), the features torch's own
+    probes report, without importing torch."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and name in ("", platform.machine(), platform.processor()):
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        return name
+    native = bool(flags & {"amx_tile", "avx512_bf16"})
+    return f"{name}, {'with native bf16: dtype auto = bfloat16' if native else 'no native bf16: dtype auto = float32'}"
 
 
 def load_average() -> str:

@@ -131,7 +131,8 @@ def main() -> None:
     for n in (int(c) for c in args.clients.split(",")):
         rows.append(run(n, args))
         print({k: v for k, v in rows[-1].items()}, flush=True)
-    (args.out / "results.json").write_text(json.dumps(rows, indent=1))
+        # after each run: a later one that fails leaves the finished rows on disk
+        (args.out / "results.json").write_text(json.dumps(rows, indent=1))
     command = "python bench/scale.py" + (" --long" if args.long else "")
     lines = report(rows, args, command, (start_load, load_average()))
     write_section("scale", lines)

@@ -320,12 +320,16 @@ class RunConfig:
         "FedProx mu: clients add (mu/2)*||w - w_global||^2 over the adapter.", default=0.0
     )
     server_eta: float = _opt(
-        "Server learning rate of fedadam / fedyogi / fedadagrad (Flower's eta; 2e-2 and "
-        "1.5e-2 were the best of a sweep on a short run, about 1% behind FedAvg, "
-        "docs/control.md).",
-        default=2e-2,
+        "Server learning rate of fedadam / fedyogi / fedadagrad (Flower's eta; with "
+        "server-beta1 0, 1e-2 was the best of a sweep on a short run, 2.6% below FedAvg's "
+        "loss, docs/control.md).",
+        default=1e-2,
     )
-    server_beta1: float = _opt("fedadam / fedyogi first-moment decay.", default=0.9)
+    server_beta1: float = _opt(
+        "fedadam / fedyogi first-moment decay; -1: per strategy, 0 for fedadam (Flower's "
+        "0.9 overshot in every setting of the sweep) and 0.9 for fedyogi (it has no bias "
+        "correction: at 0 its first steps were ~9x FedAvg's and it diverged), "
+        "docs/control.md.", default=-1.0)
     server_beta2: float = _opt("fedadam / fedyogi second-moment decay.", default=0.99)
     server_tau: float = _opt("fedadam / fedyogi / fedadagrad adaptivity (epsilon).", default=1e-3)
     server_lr: float = _opt("fedavgm server learning rate.", default=1.0)
@@ -536,6 +540,13 @@ class RunConfig:
     def meta_test_category_list(self) -> list[str]:
         """'meta-test-categories' as a list (empty: no task held out)."""
         return [c.strip() for c in self.meta_test_categories.split(",") if c.strip()]
+
+    @property
+    def server_first_moment(self) -> float:
+        """'server-beta1' resolved: -1 is 0 for fedadam and 0.9 (Flower's) for the others."""
+        if self.server_beta1 >= 0:
+            return self.server_beta1
+        return 0.0 if self.strategy == "fedadam" else 0.9
 
     @property
     def uses_validation(self) -> bool:

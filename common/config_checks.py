@@ -48,7 +48,10 @@ def validate(cfg: RunConfig) -> None:
                  "lr-schedule-steps", "eval-examples"):
         if getattr(cfg, _attr(name)) < 0:
             raise ValueError(f"config '{name}' must be >= 0, got {getattr(cfg, _attr(name))}")
-    for name in ("server-beta1", "server-beta2", "server-momentum", "distill-alpha"):
+    if cfg.server_beta1 != -1.0 and not 0.0 <= cfg.server_beta1 <= 1.0:
+        raise ValueError(f"config 'server-beta1' must be in [0, 1], or -1 for the strategy's "
+                         f"default, got {cfg.server_beta1}")
+    for name in ("server-beta2", "server-momentum", "distill-alpha"):
         if not 0.0 <= getattr(cfg, _attr(name)) <= 1.0:
             raise ValueError(
                 f"config '{name}' must be in [0, 1], got {getattr(cfg, _attr(name))}"

@@ -305,17 +305,33 @@ def share_folder(folder: Path) -> None:
         os.chmod(path, 0o755 if path.is_dir() else 0o644)
 
 
+# The path of a JSON file, not the JSON: with 1,000 clients the counts were ~200 KB,
+# and Linux refuses to start any process (Ray's daemons first) whose environment holds
+# a variable over 128 KiB (E2BIG, "Argument list too long").
 DATA_STATS_ENV = "FEDTUNE_DATA_STATS"
 
 
+def share_data_stats(report: dict) -> None:
+    """Hand the preflight's counts (``DataReport.to_json()``) to this process and its
+    children (the simulation, Ray's workers): a temporary file named in
+    ``DATA_STATS_ENV``, removed when this process exits."""
+    import atexit
+
+    fd, path = tempfile.mkstemp(prefix="fedtune-data-stats-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(report, f)
+    atexit.register(lambda: Path(path).unlink(missing_ok=True))
+    os.environ[DATA_STATS_ENV] = path
+
+
 def record_data_stats(run: "RunFolder") -> None:
-    """The preflight's data counts (``fedtune`` puts them in ``DATA_STATS_ENV``) into
-    RUN_DIR/data-stats.json, one line per split/client and each skipped record in
-    run.log; only the skipped total is printed."""
-    text = os.environ.get(DATA_STATS_ENV)
-    if not text:
+    """The preflight's data counts (``share_data_stats``) into RUN_DIR/data-stats.json,
+    one line per split/client and each skipped record in run.log; only the skipped
+    total is printed."""
+    path = os.environ.get(DATA_STATS_ENV)
+    if not path or not Path(path).is_file():
         return  # started without the fedtune CLI (flwr run): no preflight counts
-    report = json.loads(text)
+    report = json.loads(Path(path).read_text())
     atomic_write_text(run.path / "data-stats.json", json.dumps(report, indent=2) + "\n")
     for name, s in report["splits"].items():
         run.log(f"data | {name}: {s['records']} records: {s['kept']} kept, {s['truncated']} "

@@ -206,7 +206,7 @@ def check_inputs(cfg: RunConfig, *, pooled: bool = False) -> RunConfig:
     Returns the config the apps get (a distillation teacher's path made absolute)."""
     from common.datacheck import data_report
     from common.model import check_target_modules, load_tokenizer, resolve_model_path
-    from server.checkpoints import DATA_STATS_ENV
+    from server.checkpoints import share_data_stats
 
     resolve_model_path(cfg.model)
     check_target_modules(cfg)
@@ -223,7 +223,7 @@ def check_inputs(cfg: RunConfig, *, pooled: bool = False) -> RunConfig:
     # with no usable example, a Dirichlet split that cannot be drawn, a bad record or a
     # tokenizer without a chat template stop the run before Ray starts, not in a client.
     report = data_report(cfg, load_tokenizer(cfg.model))
-    os.environ[DATA_STATS_ENV] = json.dumps(report.to_json())  # the run folder records it
+    share_data_stats(report.to_json())  # the run folder records it
     check_privacy_plan(cfg, show=not pooled)
     if cfg.resume_from:
         from server.checkpoints import RunFolder, check_resumable

@@ -84,13 +84,14 @@ def test_fedtune_data_json_counts_and_marks_the_trained_spans(tiny_cfg, capsys):
 def test_the_run_folder_records_the_preflight_counts(tiny_cfg, monkeypatch, capsys):
     from common.datacheck import DataReport
     from common.records import DataStats
-    from server.checkpoints import DATA_STATS_ENV, record_data_stats
+    from server.checkpoints import DATA_STATS_ENV, record_data_stats, share_data_stats
 
     report = DataReport(splits={"held-out": DataStats(records=3, kept=2, dropped=1,
                                                       dropped_reasons=[("'f' line 2", "too long")],
                                                       lengths=[5, 7])},
                         skipped=(("'f' line 9", "blank"), ("'f' line 11", "blank")))
-    monkeypatch.setenv(DATA_STATS_ENV, json.dumps(report.to_json()))
+    monkeypatch.delenv(DATA_STATS_ENV, raising=False)  # restored after the test
+    share_data_stats(report.to_json())
     run = RunFolder.create(tiny_cfg)
     record_data_stats(run)
     printed = capsys.readouterr().out.splitlines()
@@ -101,3 +102,27 @@ def test_the_run_folder_records_the_preflight_counts(tiny_cfg, monkeypatch, caps
     assert "data | held-out: dropped 'f' line 2: too long" in log
     saved = json.loads((run.path / "data-stats.json").read_text())
     assert saved["splits"]["held-out"]["tokens-median"] == 6
+
+
+def test_the_counts_of_a_thousand_clients_still_let_processes_start(tiny_cfg, monkeypatch):
+    """The preflight's counts reach the run's processes through a file: as one
+    environment variable, 1,000 clients' counts (~200 KB) made every process start fail
+    with E2BIG ("Argument list too long"): Ray's daemons, so `fedtune simulate`."""
+    import subprocess
+    import sys
+
+    from common.datacheck import DataReport
+    from common.records import DataStats
+    from server.checkpoints import DATA_STATS_ENV, record_data_stats, share_data_stats
+
+    splits = {f"client {i}": DataStats(records=32, kept=32, lengths=list(range(32)))
+              for i in range(1000)}
+    report = DataReport(splits=splits, skipped=()).to_json()
+    assert len(json.dumps(report)) > 131072  # Linux's limit for one environment string
+    monkeypatch.delenv(DATA_STATS_ENV, raising=False)
+    share_data_stats(report)
+    subprocess.run([sys.executable, "-c", "pass"], check=True)  # inherits os.environ
+    run = RunFolder.create(tiny_cfg)
+    record_data_stats(run)
+    recorded = json.loads((run.path / "data-stats.json").read_text())
+    assert len(recorded["splits"]) == 1000 and recorded["splits"]["client 999"]["kept"] == 32

@@ -101,6 +101,31 @@ def test_adaptive_strategies_move_toward_the_clients_and_take_their_settings(nam
         assert np.all(np.abs(got) <= 0.01 * 1.01 * 10)
 
 
+def test_server_beta1_defaults_per_strategy_and_an_explicit_value_wins(flower_identity):
+    # -1 (the default): FedAdam without server momentum (docs/control.md's sweep), FedYogi
+    # with Flower's 0.9 (no bias correction: at 0 its first steps are ~eta/tau x update)
+    assert build_strategy(RunConfig(strategy="fedadam", num_clients=2)).beta_1 == 0.0
+    assert build_strategy(RunConfig(strategy="fedyogi", num_clients=2)).beta_1 == 0.9
+    cfg = RunConfig(strategy="fedadam", server_beta1=0.9, num_clients=2)
+    assert build_strategy(cfg).beta_1 == 0.9
+    assert RunConfig.from_mapping({"server-beta1": "0"}).server_first_moment == 0.0
+    with pytest.raises(ValueError, match="'server-beta1' must be in"):
+        RunConfig(server_beta1=-0.5)
+
+
+def test_fedadam_default_step_matches_adam_without_momentum_by_hand(flower_identity):
+    """Round 1 of Flower's FedAdam at beta1 0: m = delta, v = (1 - beta2) delta^2, and
+    eta scaled by sqrt(1 - beta2^2) (Flower's bias correction counts round r as r + 1)."""
+    cfg = RunConfig(strategy="fedadam", num_clients=2)
+    start = np.zeros(3, dtype=np.float32)
+    clients = [[1e-3, 2e-3, -1e-3], [3e-3, 2e-3, -1e-3]]
+    got = _one_round(build_strategy(cfg), start, clients)
+    delta = np.mean(clients, axis=0)
+    beta2, tau, eta = cfg.server_beta2, cfg.server_tau, cfg.server_eta
+    expected = eta * np.sqrt(1 - beta2 ** 2) * delta / (np.sqrt((1 - beta2) * delta ** 2) + tau)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
 def test_train_metrics_combine_by_meaning_not_by_blind_averaging():
     from server.strategies import train_metrics
 
