@@ -112,7 +112,7 @@ SECTIONS = {
                                       "server-tau": 1e-6},
         "fedadam eta 3e-3 tau 1e-6": {**B_SERVER_09, "strategy": "fedadam", "server-eta": 3e-3,
                                       "server-tau": 1e-6},
-        # Control: at tau 1e-3 FedAdam with beta1 0 moves ~1.3 to 2.2x FedAvg's update
+        # Control: at tau 1e-3 FedAdam with beta1 0 moves ~1.3 to 2x FedAvg's update
         # (eta sqrt(1 - beta2^(t+1)) / tau, sqrt(v) being ~1e-4 here): is it the longer
         # step or the per-entry scaling? FedAvgM without momentum at a server lr of 1.7.
         "fedavgm server-lr 1.7 momentum 0": {**B_ROUNDS, "strategy": "fedavgm",

@@ -48,10 +48,13 @@ def validate(cfg: RunConfig) -> None:
                  "lr-schedule-steps", "eval-examples"):
         if getattr(cfg, _attr(name)) < 0:
             raise ValueError(f"config '{name}' must be >= 0, got {getattr(cfg, _attr(name))}")
-    if cfg.server_beta1 != -1.0 and not 0.0 <= cfg.server_beta1 <= 1.0:
-        raise ValueError(f"config 'server-beta1' must be in [0, 1], or -1 for the strategy's "
+    # 1 would divide by zero in Adam's bias correction (beta1) or never move (beta2)
+    if not 0.0 <= cfg.server_beta1 < 1.0:
+        raise ValueError(f"config 'server-beta1' must be in [0, 1), or -1 for the strategy's "
                          f"default, got {cfg.server_beta1}")
-    for name in ("server-beta2", "server-momentum", "distill-alpha"):
+    if not 0.0 <= cfg.server_beta2 < 1.0:
+        raise ValueError(f"config 'server-beta2' must be in [0, 1), got {cfg.server_beta2}")
+    for name in ("server-momentum", "distill-alpha"):
         if not 0.0 <= getattr(cfg, _attr(name)) <= 1.0:
             raise ValueError(
                 f"config '{name}' must be in [0, 1], got {getattr(cfg, _attr(name))}"

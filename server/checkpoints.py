@@ -23,6 +23,7 @@ import numpy as np
 import safetensors.numpy
 
 from common.config import RunConfig
+from common.runtime import DATA_STATS_ENV, data_stats_file
 from common.lora_aggregation import save_residual
 from server.console import CONSOLE_ENV, OWN_LINE_MARK
 
@@ -305,23 +306,20 @@ def share_folder(folder: Path) -> None:
         os.chmod(path, 0o755 if path.is_dir() else 0o644)
 
 
-# The path of a JSON file, not the JSON: with 1,000 clients the counts were ~200 KB,
-# and Linux refuses to start any process (Ray's daemons first) whose environment holds
-# a variable over 128 KiB (E2BIG, "Argument list too long").
-DATA_STATS_ENV = "FEDTUNE_DATA_STATS"
-
-
 def share_data_stats(report: dict) -> None:
     """Hand the preflight's counts (``DataReport.to_json()``) to this process and its
-    children (the simulation, Ray's workers): a temporary file named in
-    ``DATA_STATS_ENV``, removed when this process exits."""
-    import atexit
+    children (the simulation, Ray's workers) in the file ``DATA_STATS_ENV`` names.
+    `fedtune simulate` makes that file and removes it, also when the run is interrupted
+    (the simulation process it starts is stopped by a signal, so its exit hooks never
+    run); anywhere else a new one is made here and removed when this process exits."""
+    path = Path(os.environ.get(DATA_STATS_ENV) or "")
+    if not (os.environ.get(DATA_STATS_ENV) and path.is_file()):
+        import atexit
 
-    fd, path = tempfile.mkstemp(prefix="fedtune-data-stats-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(report, f)
-    atexit.register(lambda: Path(path).unlink(missing_ok=True))
-    os.environ[DATA_STATS_ENV] = path
+        path = data_stats_file()
+        atexit.register(path.unlink, missing_ok=True)
+        os.environ[DATA_STATS_ENV] = str(path)
+    atomic_write_text(path, json.dumps(report))
 
 
 def record_data_stats(run: "RunFolder") -> None:
@@ -329,7 +327,7 @@ def record_data_stats(run: "RunFolder") -> None:
     one line per split/client and each skipped record in run.log; only the skipped
     total is printed."""
     path = os.environ.get(DATA_STATS_ENV)
-    if not path or not Path(path).is_file():
+    if not path or not Path(path).is_file() or not Path(path).stat().st_size:
         return  # started without the fedtune CLI (flwr run): no preflight counts
     report = json.loads(Path(path).read_text())
     atomic_write_text(run.path / "data-stats.json", json.dumps(report, indent=2) + "\n")

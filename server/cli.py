@@ -281,10 +281,26 @@ def simulate(cfg: RunConfig, *, verbose: bool = False) -> int:
     """Run the simulation child; its output goes through :class:`ConsoleFilter`: fedtune's
     lines and problems to the terminal, everything to RUN/run.log (``verbose``: all live).
     The ServerApp prints the summary and writes the plots at the end of its last round."""
+    from common.runtime import DATA_STATS_ENV, data_stats_file
+
+    stats = data_stats_file()  # the child's preflight fills it; removed whatever happens
+    # SIGTERM (kill, a job scheduler) stops the run as Ctrl-C does: the finally blocks
+    # stop the simulation's process group and remove the counts' file
+    previous = _exit_on_sigterm()
+    try:
+        return _simulate_child(cfg, {DATA_STATS_ENV: str(stats)}, verbose=verbose)
+    finally:
+        stats.unlink(missing_ok=True)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _simulate_child(cfg: RunConfig, extra_env: dict, *, verbose: bool) -> int:
     from server.console import CONSOLE_ENV, ConsoleFilter
 
     env = dict(os.environ, **{CONFIG_ENV: json.dumps(cfg.to_mapping()), CONSOLE_ENV: "1",
-                              INVOKED_AS_ENV: invoked_as(), "PYTHONUNBUFFERED": "1"})
+                              INVOKED_AS_ENV: invoked_as(), "PYTHONUNBUFFERED": "1"},
+               **extra_env)
     console = ConsoleFilter(Path(cfg.run_dir) / "run.log", verbose=verbose)
     child = subprocess.Popen([sys.executable, "-m", "server.simulation"], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -333,6 +349,18 @@ def no_round_aggregated(run_dir: Path) -> str:
                 f"replies): the adapter is untrained; see {run_dir / 'run.log'} and the "
                 "client errors above")
     return ""
+
+
+def _exit_on_sigterm():
+    """SIGTERM raises SystemExit(143) in this process; returns the previous handler, or
+    None where none can be set (not the main thread)."""
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    try:
+        return signal.signal(signal.SIGTERM, stop)
+    except ValueError:
+        return None
 
 
 def _die_with_parent() -> None:

@@ -315,7 +315,7 @@ def _build_strategy(cfg: RunConfig):
     if robust is not None:
         return robust
     adaptive = dict(eta=cfg.server_eta, tau=cfg.server_tau)
-    moments = dict(beta_1=cfg.server_first_moment, beta_2=cfg.server_beta2)
+    moments = dict(beta_1=cfg.server_beta1, beta_2=cfg.server_beta2)
     if cfg.strategy == "fedprox":
         return FedProxLoRA(proximal_mu=cfg.proximal_mu, **common)
     if cfg.strategy == "fedadam":

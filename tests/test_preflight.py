@@ -126,3 +126,32 @@ def test_the_counts_of_a_thousand_clients_still_let_processes_start(tiny_cfg, mo
     record_data_stats(run)
     recorded = json.loads((run.path / "data-stats.json").read_text())
     assert len(recorded["splits"]) == 1000 and recorded["splits"]["client 999"]["kept"] == 32
+
+
+def test_a_terminated_simulate_leaves_no_counts_file_and_restores_sigterm(tiny_cfg, monkeypatch,
+                                                                          tmp_path):
+    """`fedtune simulate` owns the counts' file: SIGTERM (or Ctrl-C) to it stops the run
+    through its finally blocks, which remove the file; the child never cleans up (it is
+    stopped by a signal, so its exit hooks do not run)."""
+    import os
+    import signal
+
+    import server.cli as cli
+    from common.runtime import DATA_STATS_ENV
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    seen = {}
+
+    def child(cfg, extra_env, *, verbose):
+        seen["path"] = extra_env[DATA_STATS_ENV]
+        assert os.path.isfile(seen["path"])
+        os.kill(os.getpid(), signal.SIGTERM)  # as `kill` or a job scheduler would
+        raise AssertionError("SIGTERM did not stop the simulate command")
+
+    monkeypatch.setattr(cli, "_simulate_child", child)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        cli.simulate(tiny_cfg)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert not os.path.exists(seen["path"]) and not list(tmp_path.glob("fedtune-data-stats-*"))
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -108,9 +108,14 @@ def test_server_beta1_defaults_per_strategy_and_an_explicit_value_wins(flower_id
     assert build_strategy(RunConfig(strategy="fedyogi", num_clients=2)).beta_1 == 0.9
     cfg = RunConfig(strategy="fedadam", server_beta1=0.9, num_clients=2)
     assert build_strategy(cfg).beta_1 == 0.9
-    assert RunConfig.from_mapping({"server-beta1": "0"}).server_first_moment == 0.0
-    with pytest.raises(ValueError, match="'server-beta1' must be in"):
-        RunConfig(server_beta1=-0.5)
+    # recorded as the number used: config.json (and a resume) never holds -1
+    assert RunConfig(strategy="fedadam").to_mapping()["server-beta1"] == 0.0
+    assert RunConfig.from_mapping({"strategy": "fedyogi"}).server_beta1 == 0.9
+    for bad in (-0.5, 1.0, 2.0):  # 1: Adam's bias correction would divide by zero
+        with pytest.raises(ValueError, match="'server-beta1' must be in"):
+            RunConfig(server_beta1=bad)
+    with pytest.raises(ValueError, match="'server-beta2' must be in"):
+        RunConfig(server_beta2=1.0)
 
 
 def test_fedadam_default_step_matches_adam_without_momentum_by_hand(flower_identity):
