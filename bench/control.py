@@ -157,13 +157,14 @@ def run(out: Path, section: str, name: str) -> dict:
     cfg = run_federation({**COMMON, **SECTIONS[section][name], "run-dir": str(folder)})
     from bench.control_report import commit
 
+    from bench.report import cpu_name
     from common.model import resolve_device, resolve_dtype
 
     # what 'auto' meant here (bf16 on a CPU with AMX / AVX-512 BF16, else float32): the
     # losses of runs in different dtypes do not compare
     dtype = resolve_dtype(cfg.dtype, resolve_device(cfg.device), dp_sgd=cfg.dp_sgd)
     result = {"name": name, "wall-seconds": time.perf_counter() - started, "commit": commit(),
-              "dtype": dtype,
+              "dtype": dtype, "cpu": cpu_name(),
               "history": [json.loads(l) for l in (folder / "history.jsonl").read_text().splitlines()]}
     stop = folder / "early-stop.json"
     result["early-stop"] = json.loads(stop.read_text()) if stop.exists() else None

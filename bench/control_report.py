@@ -8,7 +8,6 @@ import platform
 import time
 from pathlib import Path
 
-from bench.report import cpu_name
 from bench.report import plt as pyplot
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,12 +98,14 @@ def write_report(results: dict, args) -> None:
         if results.get(name):
             block = build[name](results[name])
             commits = sorted({r["commit"] for r in results[name].values() if "commit" in r})
-            dtypes = sorted({r["dtype"] for r in results[name].values() if "dtype" in r})
+            # where the runs ran (recorded with each run), not where this report is written
+            dtypes = sorted({f"{r['dtype']} (on {r['cpu']})" for r in results[name].values()
+                             if "dtype" in r and "cpu" in r})
             block[1:1] = ["", f"Measured {time.strftime('%Y-%m-%d')}, runs at commit "
                           f"{', '.join(commits) or 'unrecorded'} (report at {commit()}) "
                           f"(`--sections {name}`). Load average (1 min) during the runs: "
                           f"{OBSERVED_LOAD[name]}; when this report was written: {load[0]:.1f}."
-                          + (f" Compute dtype: {', '.join(dtypes)} (on {cpu_name()})."
+                          + (f" Compute dtype: {'; '.join(dtypes)}."
                              if dtypes else "")]
             lines += block
         elif name in kept:

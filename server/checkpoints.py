@@ -312,8 +312,9 @@ def share_data_stats(report: dict) -> None:
     `fedtune simulate` makes that file and removes it, also when the run is interrupted
     (the simulation process it starts is stopped by a signal, so its exit hooks never
     run); anywhere else a new one is made here and removed when this process exits."""
-    path = Path(os.environ.get(DATA_STATS_ENV) or "")
-    if not (os.environ.get(DATA_STATS_ENV) and path.is_file()):
+    named = os.environ.get(DATA_STATS_ENV)
+    path = Path(named) if named else None
+    if path is None or not path.is_file():
         import atexit
 
         path = data_stats_file()

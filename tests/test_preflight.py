@@ -106,7 +106,7 @@ def test_the_run_folder_records_the_preflight_counts(tiny_cfg, monkeypatch, caps
 
 def test_the_counts_of_a_thousand_clients_still_let_processes_start(tiny_cfg, monkeypatch):
     """The preflight's counts reach the run's processes through a file: as one
-    environment variable, 1,000 clients' counts (~200 KB) made every process start fail
+    environment variable, 1,000 clients' counts (~150 KB) made every process start fail
     with E2BIG ("Argument list too long"): Ray's daemons, so `fedtune simulate`."""
     import subprocess
     import sys
