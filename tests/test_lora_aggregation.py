@@ -267,11 +267,14 @@ def test_exact_mode_counts_the_residual_in_bytes_sent(flower_identity):
     assert residual_floats and sent["exact"] - sent["naive"] >= 2 * 4 * residual_floats * 0.95
 
 
-# --- a real simulation per mode: 2 rounds + --resume == 4 rounds; evaluate reproduces it -
+# --- a real simulation per mode: exact: 2 rounds + --resume == 4 rounds (FedAvg's resume
+# test); svd (no state beyond the adapter): one run. `fedtune evaluate` reproduces both ----
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["exact", "svd"])
 def test_real_run_resumes_bit_exactly_and_evaluate_reproduces_the_server(
         tiny_model_dir, tiny_dataset, tmp_path, mode):
+    import os
+
     from safetensors.torch import load_file
 
     from common.lora_aggregation import RESIDUAL_FILE
@@ -281,23 +284,32 @@ def test_real_run_resumes_bit_exactly_and_evaluate_reproduces_the_server(
     whole, split = tmp_path / "whole", tmp_path / "split"
     flags = ("--lora-aggregation", mode)
     _simulate(tiny_model_dir, tiny_dataset, whole, "fedavg", 4, *flags)
-    _simulate(tiny_model_dir, tiny_dataset, split, "fedavg", 2, *flags)
-    _simulate(tiny_model_dir, tiny_dataset, split, "fedavg", 4, *flags, "--resume", str(split))
-    files = ["adapter_model.safetensors"] + ([RESIDUAL_FILE] if mode == "exact" else [])
-    assert (whole / "adapter" / RESIDUAL_FILE).exists() == (mode == "exact")
-    for name in files + ["../../state/round-4.safetensors"]:
-        a, b = load_file(whole / "adapter" / name), load_file(split / "adapter" / name)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    rows = [json.loads(l) for l in (split / "history.jsonl").read_text().splitlines()]
     whole_rows = [json.loads(l) for l in (whole / "history.jsonl").read_text().splitlines()]
-    assert [r["eval-loss"] for r in rows] == [r["eval-loss"] for r in whole_rows]
+    assert (whole / "adapter" / RESIDUAL_FILE).exists() == (mode == "exact")
     assert all(r["agg-error-mean"] > 0 and r["applied-error-max"] < r["agg-error-max"]
-               for r in rows[1:])
-    assert (rows[-1].get("residual-rank-max", 0) > 0) == (mode == "exact")
+               for r in whole_rows[1:])
+    assert (whole_rows[-1].get("residual-rank-max", 0) > 0) == (mode == "exact")
+    assert all(r["aggregated"] == 1 for r in whole_rows[1:])  # FedAvg: every round
+    if mode == "exact":
+        _simulate(tiny_model_dir, tiny_dataset, split, "fedavg", 2, *flags)
+        _simulate(tiny_model_dir, tiny_dataset, split, "fedavg", 4, *flags, "--resume", str(split))
+        assert os.readlink(split / "adapter") == "adapters/round-4"
+        for name in ["adapter_model.safetensors", RESIDUAL_FILE, "../../state/round-4.safetensors"]:
+            a, b = load_file(whole / "adapter" / name), load_file(split / "adapter" / name)
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+        rows = [json.loads(l) for l in (split / "history.jsonl").read_text().splitlines()]
+        assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]  # appended, not restarted
+        assert [r["eval-loss"] for r in rows] == [r["eval-loss"] for r in whole_rows]
+        assert [r["aggregated"] for r in rows[1:]] == [1, 1, 1, 1]
+        assert os.readlink(split / "best") == os.readlink(whole / "best")
+        clients = [json.loads(l) for l in (split / "clients.jsonl").read_text().splitlines()]
+        assert sorted(c["round"] for c in clients) == [1, 1, 2, 2, 3, 3, 4, 4]
+        assert json.loads((split / "config.json").read_text())["num-server-rounds"] == 4
     # `fedtune evaluate` on the run folder gives the loss the server logged for round 4
-    result = fedtune("evaluate", "--adapter", str(split), "--json")
+    run = split if mode == "exact" else whole
+    result = fedtune("evaluate", "--adapter", str(run), "--json")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert json.loads(result.stdout)["loss"] == pytest.approx(rows[-1]["eval-loss"], rel=1e-6)
+    assert json.loads(result.stdout)["loss"] == pytest.approx(whole_rows[-1]["eval-loss"], rel=1e-6)
 
 
 # --- heterogeneous ranks: truncate for the client, pad the reply, SVD on the server ------
