@@ -4,6 +4,7 @@ bit-exact resume per mode."""
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -273,8 +274,6 @@ def test_exact_mode_counts_the_residual_in_bytes_sent(flower_identity):
 @pytest.mark.parametrize("mode", ["exact", "svd"])
 def test_real_run_resumes_bit_exactly_and_evaluate_reproduces_the_server(
         tiny_model_dir, tiny_dataset, tmp_path, mode):
-    import os
-
     from safetensors.torch import load_file
 
     from common.lora_aggregation import RESIDUAL_FILE
