@@ -74,6 +74,23 @@ def release_memory() -> None:
         pass
 
 
+def skip_exit_collection() -> None:
+    """Call when the process is about to exit: the interpreter's last garbage
+    collections will not walk the heap that torch, transformers, Flower and Ray built.
+
+    ``gc.freeze()`` (the standard library's; CPython's docs suggest it for this) moves
+    every tracked object to the permanent generation, which no later collection visits.
+    Exit handlers, file flushing and module teardown still run as usual; only the
+    cycle search over the existing heap is skipped, and the OS frees the memory anyway.
+    Measured (``fedtune simulate``'s child, one py-spy dump per second after its exit
+    handlers): 3.5 s in ``gc_collect_main`` before the process ended, 0.5 s with it.
+    Not for a process that goes on working (its cyclic garbage would never be freed).
+    """
+    import gc
+
+    gc.freeze()
+
+
 @contextlib.contextmanager
 def all_cores():
     """torch uses every core this process may run on inside the block, then its own

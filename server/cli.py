@@ -383,12 +383,39 @@ def stop_process_group(child: subprocess.Popen) -> None:
             return
         deadline = time.time() + wait
         while time.time() < deadline:
-            try:
-                os.killpg(child.pid, 0)
-            except ProcessLookupError:
-                return
             child.poll()
-            time.sleep(0.2)
+            if not _group_running(child.pid):
+                return
+            time.sleep(0.1)
+
+
+def _group_running(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs. Zombies do not count: Ray's
+    actors end as zombies of the exited raylet until init reaps them, and waiting for
+    that cost 0.8 to 1.6 s after every run here. Without /proc: ``killpg(pgid, 0)``,
+    which counts zombies too."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        entries = None
+    if entries is None or not os.path.exists("/proc/self/stat"):
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+    for pid in entries:
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as stat:
+                # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # it ended while we looked
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            return True
+    return False
 
 
 def train_command(args: argparse.Namespace) -> int:
@@ -509,6 +536,15 @@ def _option_flags(parser: argparse.ArgumentParser, command: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    if argv is None:  # the `fedtune` console script, which exits next (tests pass argv)
+        from common.runtime import skip_exit_collection
+
+        skip_exit_collection()
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     args = parse_args(argv)
     try:

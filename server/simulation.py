@@ -19,7 +19,7 @@ INPUT_ERROR_EXIT = 2  # a bad input, reported in one line before Ray starts
 
 def main() -> int:
     cfg = config_from_run_config({})
-    from common.runtime import release_memory, setup_process
+    from common.runtime import release_memory, setup_process, skip_exit_collection
     from server.cli import check_inputs
 
     setup_process(cfg.num_threads)
@@ -52,6 +52,7 @@ def main() -> int:
         warnings.filterwarnings("ignore", category=DeprecationWarning, module="flwr")
         run_simulation(server_app=server_app, client_app=client_app,
                        num_supernodes=cfg.num_clients, backend_config=backend)
+    skip_exit_collection()  # the run is saved and Ray is down: only the exit is left
     return 0
 
 

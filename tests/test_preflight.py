@@ -155,3 +155,31 @@ def test_a_terminated_simulate_leaves_no_counts_file_and_restores_sigterm(tiny_c
     assert stopped.value.code == 128 + signal.SIGTERM
     assert not os.path.exists(seen["path"]) and not list(tmp_path.glob("fedtune-data-stats-*"))
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_group_running_ignores_zombies_and_sees_live_members():
+    """`fedtune simulate` stops waiting once its group holds only zombies (Ray's actors
+    end as zombies until init reaps them): _group_running says False for a zombie that
+    ``killpg(pgid, 0)`` still finds, and True while the process runs."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from server.cli import _group_running
+
+    sleeper = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        assert _group_running(sleeper.pid)
+        os.kill(sleeper.pid, signal.SIGKILL)
+        for _ in range(100):  # a zombie until we reap it, which we do not yet
+            with open(f"/proc/{sleeper.pid}/stat", "rb") as stat:
+                if stat.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                    break
+            time.sleep(0.05)
+        os.killpg(sleeper.pid, 0)  # the zombie is still in the group ...
+        assert not _group_running(sleeper.pid)  # ... and does not count
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert not _group_running(sleeper.pid)
