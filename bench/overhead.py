@@ -94,6 +94,8 @@ def run(kind: str, out: Path, common: list[str]) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)
     command = "simulate" if kind == "simulation" else "train"
     cmd = [sys.executable, "-m", "server.cli", command, *common, "--run-dir", str(run_dir)]
+    if kind == "simulation":  # Flower's own lines (strategy start, rounds) mark the phases
+        cmd.append("--verbose")
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     lines, wall, _ = run_timed(cmd, out / f"{kind}.log", env=env)
     split = phases_simulation if kind == "simulation" else phases_centralized
@@ -118,8 +120,8 @@ def report(results: dict, args, loads: tuple[str, str], command: str) -> list[st
         f"## Federation overhead: `fedtune simulate` against `fedtune train` "
         f"({'the issue setting' if args.long else 'short default'})", "",
         f"Measured by `{command}` on {machine()}, {today()}; load average {loads[0]} at "
-        f"the start and {loads[1]} at the end (other engineers' jobs shared the 2 cores: "
-        "absolute seconds are noisy, and the two runs ran one after the other).", "",
+        f"the start and {loads[1]} at the end (a shared machine: absolute seconds are "
+        "noisy, and the two runs ran one after the other).", "",
         f"Setting: default model and LoRA, {args.rounds} rounds x 2 clients (WordNet "
         f"{CATEGORIES.replace(',', ', ')}) x {args.local_steps} local steps = {steps} "
         f"optimizer steps, batch 8; `fedtune train` pools both partitions and takes the "
