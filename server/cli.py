@@ -392,18 +392,20 @@ def stop_process_group(child: subprocess.Popen) -> None:
 def _group_running(pgid: int) -> bool:
     """Whether a process of group ``pgid`` still runs. Zombies do not count: Ray's
     actors end as zombies of the exited raylet until init reaps them, and waiting for
-    that cost 0.8 to 1.6 s after every run here. Without /proc: ``killpg(pgid, 0)``,
-    which counts zombies too."""
+    that cost 0.8 to 1.6 s after every run here. ``killpg(pgid, 0)`` (which counts
+    zombies too) decides wherever /proc cannot: no /proc, or a /proc of another PID
+    namespace that shows none of the group."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
     try:
         entries = os.listdir("/proc")
     except OSError:
-        entries = None
-    if entries is None or not os.path.exists("/proc/self/stat"):
-        try:
-            os.killpg(pgid, 0)
-            return True
-        except ProcessLookupError:
-            return False
+        return True
+    seen = False
     for pid in entries:
         if not pid.isdigit():
             continue
@@ -411,11 +413,15 @@ def _group_running(pgid: int) -> bool:
             with open(f"/proc/{pid}/stat", "rb") as stat:
                 # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses
                 fields = stat.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
+            if len(fields) < 3 or int(fields[2]) != pgid:
+                continue
+            seen = True
+            # a zombie leader whose other threads still run is a live process
+            if fields[0] not in (b"Z", b"X", b"x") or len(os.listdir(f"/proc/{pid}/task")) > 1:
+                return True
+        except (OSError, IndexError, ValueError):
             continue  # it ended while we looked
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
-            return True
-    return False
+    return not seen  # killpg finds the group but /proc shows none of it: trust killpg
 
 
 def train_command(args: argparse.Namespace) -> int:
@@ -535,16 +541,17 @@ def _option_flags(parser: argparse.ArgumentParser, command: str) -> list[str]:
             if flag.startswith("--") and flag != "--help"]
 
 
-def main(argv: list[str] | None = None) -> int:
-    code = _main(argv)
-    if argv is None:  # the `fedtune` console script, which exits next (tests pass argv)
-        from common.runtime import skip_exit_collection
+def console_main() -> int:
+    """The `fedtune` console script (and `python -m server.cli`): main(), then exit
+    without the interpreter's last garbage collections over the heap."""
+    code = main()
+    from common.runtime import skip_exit_collection
 
-        skip_exit_collection()
+    skip_exit_collection()
     return code
 
 
-def _main(argv: list[str] | None) -> int:
+def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     args = parse_args(argv)
     try:
@@ -572,4 +579,4 @@ def _is_offline_config(cfg: RunConfig) -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

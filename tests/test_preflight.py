@@ -183,3 +183,48 @@ def test_group_running_ignores_zombies_and_sees_live_members():
         sleeper.kill()
         sleeper.wait()
     assert not _group_running(sleeper.pid)
+
+
+def test_group_running_counts_a_zombie_leader_whose_threads_still_run():
+    """A process whose main thread has exited shows state Z in /proc/PID/stat while its
+    other threads run (Ray's actors, right after a run, showed 'ZNl'): it still counts,
+    so stop_process_group goes on to SIGKILL it instead of returning at once."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from server.cli import _group_running
+
+    code = ("import ctypes, signal, threading, time\n"
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            "threading.Thread(target=lambda: time.sleep(60)).start()\n"
+            "ctypes.CDLL('libc.so.6').pthread_exit(None)\n")
+    worker = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    try:
+        for _ in range(200):
+            with open(f"/proc/{worker.pid}/stat", "rb") as stat:
+                if stat.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                    break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the main thread did not exit")
+        assert len(os.listdir(f"/proc/{worker.pid}/task")) > 1
+        assert _group_running(worker.pid)
+    finally:
+        worker.kill()
+        worker.wait()
+
+
+def test_main_in_process_leaves_the_heap_collectable(monkeypatch):
+    """Only the console entry (console_main) freezes the heap before exiting; main(),
+    which a notebook or wrapper may call in-process, must not (a frozen heap never
+    frees its cycles)."""
+    import gc
+
+    import server.cli as cli
+
+    gc.unfreeze()
+    monkeypatch.setattr("sys.argv", ["fedtune", "simulate", "--num-clients", "0"])
+    assert cli.main() == 2
+    assert gc.get_freeze_count() == 0
