@@ -355,6 +355,7 @@ def _exit_on_sigterm():
     """SIGTERM raises SystemExit(143) in this process; returns the previous handler, or
     None where none can be set (not the main thread)."""
     def stop(signum, frame):
+        print("\nfedtune: terminated (SIGTERM), stopping the simulation ...", file=sys.stderr)
         raise SystemExit(128 + signum)
 
     try:
