@@ -544,8 +544,16 @@ def _option_flags(parser: argparse.ArgumentParser, command: str) -> list[str]:
 
 def console_main() -> int:
     """The `fedtune` console script (and `python -m server.cli`): main(), then exit
-    without the interpreter's last garbage collections over the heap."""
-    code = main()
+    without the interpreter's last garbage collections over the heap. A reader that
+    went away (``fedtune data --json | head -1``) ends it quietly with status 1, the way
+    Python's docs on SIGPIPE recommend, instead of a BrokenPipeError traceback."""
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # the exit's own flush of stdout would fail again: point it at /dev/null
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 1
     from common.runtime import skip_exit_collection
 
     skip_exit_collection()

@@ -149,3 +149,24 @@ def test_every_flag_of_every_subcommand_shows_its_default_and_each_has_an_exampl
             if action.option_strings and action.dest != "help":
                 text = action.help or ""
                 assert "default" in text or "required" in text, (name, action.option_strings)
+
+
+@pytest.mark.parametrize("unbuffered", ["1", ""])
+def test_a_reader_that_goes_away_ends_the_command_quietly(unbuffered):
+    """`fedtune ... | head -1`: the console entry ends with status 1 and no
+    BrokenPipeError traceback or 'Exception ignored' line, buffered or not. 100 KB of
+    output is more than a pipe holds, so the write fails whether or not the read end
+    closed before the child started writing."""
+    code = ("import sys, server.cli as cli\n"
+            "cli.main = lambda argv=None: (print('x' * 100_000), 0)[1]\n"
+            "sys.exit(cli.console_main())\n")
+    env = dict(os.environ)
+    env.pop("PYTHONUNBUFFERED", None)
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = unbuffered
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.close()
+    err = child.stderr.read().decode()
+    assert child.wait(timeout=60) == 1
+    assert "BrokenPipeError" not in err and "Traceback" not in err, err
