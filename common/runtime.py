@@ -78,8 +78,8 @@ def skip_exit_collection() -> None:
     """Call when the process is about to exit: the interpreter's last garbage
     collections will not walk the heap that torch, transformers, Flower and Ray built.
 
-    ``gc.freeze()`` (the standard library's; CPython's docs suggest it for this) moves
-    every tracked object to the permanent generation, which no later collection visits.
+    ``gc.freeze()`` (the standard library's) moves every tracked object to the
+    permanent generation, which no later collection visits.
     Exit handlers, file flushing and module teardown still run as usual; only the
     cycle search over the existing heap is skipped, and the OS frees the memory anyway.
     Measured (``fedtune simulate``'s child, one py-spy dump per second after its exit
