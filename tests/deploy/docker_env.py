@@ -66,8 +66,13 @@ class Daemon:
         install_packages()
         if os.geteuid() != 0:
             raise DockerUnavailable("no running Docker daemon, and starting dockerd needs root")
+        # Not the tests' TMPDIR (tests/conftest.py's scratch folder, removed at the end):
+        # runc writes its exec files there, so a dockerd outliving a killed test session
+        # failed every later `docker exec` and healthcheck ("runc-process...: no such
+        # file or directory"). Unset, dockerd uses its own /var/lib/docker/tmp.
+        env = {k: v for k, v in os.environ.items() if k not in ("TMPDIR", "RAY_TMPDIR")}
         self.proc = subprocess.Popen(["dockerd"], stdout=open(log, "ab"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, env=env)
         deadline = time.time() + 60
         while not _docker_ok():
             if self.proc.poll() is not None or time.time() > deadline:
