@@ -157,6 +157,19 @@ def test_a_terminated_simulate_leaves_no_counts_file_and_restores_sigterm(tiny_c
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def _wait_until_zombie(pid: int, timeout: float = 10.0) -> None:
+    """Until /proc/PID/stat shows state Z (the process, or its main thread, has exited)."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            if stat.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                return
+        time.sleep(0.05)
+    pytest.fail(f"process {pid} did not become a zombie in {timeout} s")
+
+
 def test_group_running_ignores_zombies_and_sees_live_members():
     """`fedtune simulate` stops waiting once its group holds only zombies (Ray's actors
     end as zombies until init reaps them): _group_running says False for a zombie that
@@ -164,7 +177,6 @@ def test_group_running_ignores_zombies_and_sees_live_members():
     import os
     import signal
     import subprocess
-    import time
 
     from server.cli import _group_running
 
@@ -172,11 +184,7 @@ def test_group_running_ignores_zombies_and_sees_live_members():
     try:
         assert _group_running(sleeper.pid)
         os.kill(sleeper.pid, signal.SIGKILL)
-        for _ in range(100):  # a zombie until we reap it, which we do not yet
-            with open(f"/proc/{sleeper.pid}/stat", "rb") as stat:
-                if stat.read().rsplit(b")", 1)[1].split()[0] == b"Z":
-                    break
-            time.sleep(0.05)
+        _wait_until_zombie(sleeper.pid)  # a zombie until we reap it, which we do not yet
         os.killpg(sleeper.pid, 0)  # the zombie is still in the group ...
         assert not _group_running(sleeper.pid)  # ... and does not count
     finally:
@@ -192,7 +200,6 @@ def test_group_running_counts_a_zombie_leader_whose_threads_still_run():
     import os
     import subprocess
     import sys
-    import time
 
     from server.cli import _group_running
 
@@ -202,13 +209,7 @@ def test_group_running_counts_a_zombie_leader_whose_threads_still_run():
             "ctypes.CDLL('libc.so.6').pthread_exit(None)\n")
     worker = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
     try:
-        for _ in range(200):
-            with open(f"/proc/{worker.pid}/stat", "rb") as stat:
-                if stat.read().rsplit(b")", 1)[1].split()[0] == b"Z":
-                    break
-            time.sleep(0.05)
-        else:
-            pytest.fail("the main thread did not exit")
+        _wait_until_zombie(worker.pid)  # its main thread has exited
         assert len(os.listdir(f"/proc/{worker.pid}/task")) > 1
         assert _group_running(worker.pid)
     finally:
