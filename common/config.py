@@ -258,6 +258,14 @@ class RunConfig:
         "lr-plateau-cooldown 0 (true/false).",
         default=False,
     )
+    server_lr_search: str = _opt(
+        "Choose the server learning rate s every round by validation loss: comma-separated "
+        "candidates s > 0 (e.g. '1,2,4'); the global adapter becomes old + s * (aggregate "
+        "- old) for the s whose adapter has the lowest validation loss, at one validation "
+        "pass per candidate; fedavg or fedprox, lora-aggregation naive, no client-dp "
+        "('': off, the aggregate as is).",
+        default="",
+    )
     optimizer: str = _opt(
         f"Client optimizer, one of {OPTIMIZERS}: AdamW with lr-schedule, or schedule-free "
         "AdamW (the schedulefree package; no schedule, constant lr after warmup-steps; "
@@ -547,13 +555,32 @@ class RunConfig:
 
     @property
     def uses_validation(self) -> bool:
-        """True when a validation split is drawn: early stopping or lr-plateau watch it."""
-        return bool(self.early_stopping_patience) or self.lr_plateau
+        """True when a validation split is drawn: early stopping, lr-plateau or
+        server-lr-search watch it."""
+        return (bool(self.early_stopping_patience) or self.lr_plateau
+                or bool(self.server_lr_search))
 
     @property
     def evaluates(self) -> bool:
         """False when evaluation is off ('eval-examples' 0): no held-out metrics."""
         return self.eval_examples > 0
+
+    @property
+    def server_lr_candidates(self) -> tuple[float, ...]:
+        """'server-lr-search' as numbers (empty: off). Raises ValueError naming the
+        entry that is not a finite number > 0."""
+        values = []
+        for item in (x.strip() for x in self.server_lr_search.split(",") if x.strip()):
+            try:
+                value = float(item)
+            except ValueError:
+                value = float("nan")
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"config 'server-lr-search' {self.server_lr_search!r}: "
+                                 f"{item!r} is not a number > 0; give server learning rates "
+                                 "such as '1,2,4', or '' for off")
+            values.append(value)
+        return tuple(values)
 
     @property
     def client_rank_list(self) -> list[int]:

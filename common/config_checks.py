@@ -167,17 +167,19 @@ def _check_lr_control(cfg: RunConfig) -> None:
                              "--lr-schedule constant), or drop them")
     if cfg.lr_plateau_reject:
         _check_reject(cfg)
+    _check_server_lr_search(cfg)
     if cfg.uses_validation and cfg.validation_examples < 1:
-        raise ValueError("config 'validation-examples' is 0, but early stopping and "
-                         "lr-plateau watch the validation loss: set it >= 1 (e.g. 64)")
+        raise ValueError("config 'validation-examples' is 0, but early stopping, lr-plateau "
+                         "and server-lr-search watch the validation loss: set it >= 1 (e.g. 64)")
     if cfg.optimizer == "adamw-schedulefree" and cfg.dp_sgd:
         raise ValueError("config 'optimizer' adamw-schedulefree cannot run under 'dp-sgd' "
                          "(Opacus' optimizer wrapper hides its train/eval switch): use adamw")
 
-# Undoing a round restores only the global adapter: where the server keeps more state
-# that the discarded round moved (an optimizer's moments, FedAvgM/Reptile's arrays, the
-# exact residual, the clipping norm and the accountant of client-dp), the undo would be
-# partial; and a rule without its lr (lr-plateau off) would retry the same step.
+# Undoing a round (or moving along its update: server-lr-search) sets only the global
+# adapter: where the server keeps more state that the round moved (an optimizer's
+# moments, FedAvgM/Reptile's arrays, the exact residual, the clipping norm and the
+# accountant of client-dp), that state would not follow; and an undo without its lr
+# rule (lr-plateau off) would retry the same step.
 _REJECT_STRATEGIES = ("fedavg", "fedprox")
 
 
@@ -194,17 +196,28 @@ def _check_reject(cfg: RunConfig) -> None:
             raise ValueError(f"config 'lr-plateau-reject' needs '{key}' 0 (an undone round "
                              f"must cut the lr, or the next one retries the same step), got "
                              f"{value}: set --{key} 0")
+    _check_replaces_aggregate(cfg, "lr-plateau-reject", "false")
+
+
+def _check_server_lr_search(cfg: RunConfig) -> None:
+    if cfg.server_lr_candidates:  # raises on a malformed list
+        _check_replaces_aggregate(cfg, "server-lr-search", "''")
+
+
+def _check_replaces_aggregate(cfg: RunConfig, key: str, off: str) -> None:
+    """lr-plateau-reject and server-lr-search hand the next round an adapter other than
+    Flower's aggregate: only where that adapter is the server's whole state."""
     if cfg.strategy not in _REJECT_STRATEGIES:
-        raise ValueError(f"config 'lr-plateau-reject' works with strategy {_REJECT_STRATEGIES} "
-                         f"only, got '{cfg.strategy}' (its server state would not be undone): "
-                         "use fedavg or set --lr-plateau-reject false")
+        raise ValueError(f"config '{key}' works with strategy {_REJECT_STRATEGIES} only, got "
+                         f"'{cfg.strategy}' (its server state would not follow the adapter "
+                         f"kept): use fedavg or set --{key} {off}")
     if cfg.lora_aggregation != "naive":
-        raise ValueError("config 'lr-plateau-reject' works with 'lora-aggregation' naive only, "
-                         f"got '{cfg.lora_aggregation}': use naive or set --lr-plateau-reject false")
+        raise ValueError(f"config '{key}' works with 'lora-aggregation' naive only, got "
+                         f"'{cfg.lora_aggregation}': use naive or set --{key} {off}")
     if cfg.client_dp != "off":
-        raise ValueError("config 'lr-plateau-reject' cannot run with 'client-dp' (a discarded "
-                         "release still counts in the privacy budget and the clipping state): "
-                         "set --client-dp off or --lr-plateau-reject false")
+        raise ValueError(f"config '{key}' cannot run with 'client-dp' (a discarded release "
+                         "still counts in the privacy budget and the clipping state): set "
+                         f"--client-dp off or --{key} {off}")
 
 
 def _check_lora_aggregation(cfg: RunConfig) -> None:

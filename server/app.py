@@ -119,7 +119,15 @@ class RoundHook:
         """Validation (lr control) and held-out columns into ``row``; returns the global
         adapter after this round (the last accepted one when lr-plateau-reject undoes it)."""
         if self.control is not None:  # validation loss, lr used and the next round's lr
-            row.update(self.control.observe(self.model, server_round))
+            traffic = getattr(self.strategy, "traffic", None)
+            if server_round > 0 and traffic is not None and traffic.aggregated:
+                # server-lr-search (server/control.py): a step along the round's update
+                chosen, found = self.control.search_server_lr(
+                    self.model, arrays, self.strategy.global_arrays)
+                row.update(found)
+                if chosen is not arrays:
+                    arrays = self.strategy.next_arrays = chosen
+            row.update(self.control.observe(self.model, server_round, row.get("val-loss")))
             # lr-plateau-reject (server/control.py): a round that was not better is undone
             kept = self.control.kept(arrays, rejected=bool(row.get("rejected-round")))
             if kept is not arrays:
@@ -237,6 +245,8 @@ def format_row(row: dict, *, eval_every: int = 0) -> str:
             line += f" | {key} {row[key]:.2f}"
     if "lr" in row:
         line += f" | lr {row['lr']:.2e}"
+    if "server-lr" in row:
+        line += f" | server lr {row['server-lr']:g}"
     if row.get("dp-refused"):
         line += f" | {row['dp-refused']} over DP budget"
     return line

@@ -29,8 +29,8 @@ from server.console import CONSOLE_ENV, OWN_LINE_MARK
 
 HISTORY_COLUMNS = (
     "round", "train-loss", "eval-loss", "eval-perplexity", "eval-token-accuracy",
-    "eval-accuracy", "eval-macro-f1", "val-loss", "lr", "rejected-round", "clients", "failures",
-    "rejected", "aggregated",
+    "eval-accuracy", "eval-macro-f1", "val-loss", "lr", "server-lr", "rejected-round", "clients",
+    "failures", "rejected", "aggregated",
     "bytes-sent", "bytes-received", "mb-total", "seconds",
 )
 

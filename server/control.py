@@ -11,6 +11,10 @@ as the round's adapter and server state, and hands it to the strategy
 Flower's loop would send; the history row says ``rejected-round`` 1. Flower's loop has
 no hook to replace its arrays, hence the strategy attribute.
 
+Choosing the server learning rate (``server-lr-search``): after aggregation the server
+evaluates the validation loss of old + s * (aggregate - old) for each candidate s and
+keeps the best one, handed to the next round the same way as an undone round's adapter.
+
 Ending the run: Flower's ``Strategy.start`` has no stop hook, so ``RoundHook`` (its
 ``evaluate_fn``, the last step of a round, after the round's state is saved) raises
 :class:`FederationStopped`, and ``server/app.py`` ``main`` catches it, reports what
@@ -21,8 +25,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+
 from common.config import ROUND_LR_KEY, RunConfig
 from common.lr_control import LossControl
+from common.model import set_adapter_state
 from common.train import evaluate
 
 
@@ -70,14 +79,59 @@ class RoundControl:
         if self.train_config is not None and self.loss_control.plateau is not None:
             self.train_config[ROUND_LR_KEY] = self.lr
 
-    def observe(self, model, server_round: int) -> dict[str, float]:
-        """The validation loss of ``model`` (the new global adapter) into the controllers;
-        returns the history columns: 'val-loss', and 'lr', the rate this round used."""
+    def _validation_loss(self, model) -> float:
+        return evaluate(model, self.validation, batch_size=self.cfg.eval_batch_size,
+                        pad_token_id=self.pad_id).loss
+
+    def search_server_lr(self, model, aggregate: ArrayRecord,
+                         previous: ArrayRecord) -> tuple[ArrayRecord, dict[str, float]]:
+        """server-lr-search: the global adapter old + s * (aggregate - old) for the
+        candidate s with the lowest validation loss (the first of equal ones), loaded
+        into ``model``; returns it (``aggregate`` itself when s is 1) and the history
+        columns 'server-lr' and 'val-loss'. Off (no candidates or no validation split):
+        ``aggregate`` and no columns, ``model`` untouched.
+
+        ``model`` must hold ``aggregate`` on entry. Costs one validation pass per
+        candidate, on the server, while the clients wait. The server learning rate is
+        FedAvg's global step size (Reddi et al. 2021, "Adaptive Federated
+        Optimization"; Charles & Konecny 2021 show its outsized effect on local-update
+        methods); here it is picked each round from the measured loss, a grid line
+        search along the round's update, instead of being fixed. No library does that
+        for a Flower strategy, hence this method. Both ArrayRecords: float32 adapters
+        with the same names and shapes (the strategy's global arrays and aggregate)."""
+        candidates = self.cfg.server_lr_candidates
+        if not candidates or not self.validation:
+            return aggregate, {}
+        new = {k: a.numpy().astype(np.float32, copy=False) for k, a in aggregate.items()}
+        old = {k: a.numpy().astype(np.float32, copy=False) for k, a in previous.items()}
+        best_s, best_loss = 1.0, float("inf")
+        for s in candidates:
+            if s != 1.0:
+                set_adapter_state(model, {k: torch.from_numpy(old[k] + np.float32(s) * (v - old[k]))
+                                          for k, v in new.items()})
+            else:
+                set_adapter_state(model, aggregate.to_torch_state_dict())
+            loss = self._validation_loss(model)
+            if loss < best_loss:
+                best_s, best_loss = s, loss
+        if best_s == 1.0:
+            chosen = aggregate
+        else:
+            chosen = ArrayRecord({k: Array(np.ascontiguousarray(old[k] + np.float32(best_s)
+                                                                * (v - old[k])))
+                                  for k, v in new.items()})
+        set_adapter_state(model, chosen.to_torch_state_dict())
+        return chosen, {"server-lr": best_s, "val-loss": best_loss}
+
+    def observe(self, model, server_round: int, loss: float | None = None) -> dict[str, float]:
+        """The validation loss of ``model`` (the new global adapter) into the controllers
+        (``loss``: already measured on it, by :meth:`search_server_lr`); returns the
+        history columns: 'val-loss', and 'lr', the rate this round used."""
         if not self.active:
             return {}
         used = self.lr
-        loss = evaluate(model, self.validation, batch_size=self.cfg.eval_batch_size,
-                        pad_token_id=self.pad_id).loss
+        if loss is None:
+            loss = self._validation_loss(model)
         if server_round == 0:
             self.loss_control.start(loss)
             return {"val-loss": loss}
