@@ -60,6 +60,9 @@ BOLD_REJECT = {**BOLD_4, "lr-plateau-reject": True}
 # global adapter by s x the aggregated update for the s in {1, 2, 4} with the lowest
 # validation loss (no early stopping: the same pool as the fixed runs).
 SEARCH = {**SAME_POOL, "lr-schedule": "constant", "server-lr-search": "1,2,4"}
+# The same with a half step too: at 3e-3 the search kept s 1 from round 2 on, and a
+# constant rate that high oscillates where the cosine schedule decays.
+SEARCH_HALF = {**SEARCH, "server-lr-search": "0.5,1,2,4"}
 A_ROUNDS = {"num-server-rounds": 6, "local-steps": 2}
 B_ROUNDS = {"num-server-rounds": 4, "local-steps": 2, "lr": 1e-3}
 # Flower's beta1 (0.9), named: the runs below keep meaning it if fedtune's default moves
@@ -83,6 +86,9 @@ SECTIONS = {
         "server-lr search lr 3e-4": {**A_ROUNDS, **SEARCH, "lr": 3e-4},
         "server-lr search lr 1e-3": {**A_ROUNDS, **SEARCH, "lr": 1e-3},
         "server-lr search lr 3e-3": {**A_ROUNDS, **SEARCH, "lr": 3e-3},
+        "server-lr search with 0.5 lr 3e-4": {**A_ROUNDS, **SEARCH_HALF, "lr": 3e-4},
+        "server-lr search with 0.5 lr 1e-3": {**A_ROUNDS, **SEARCH_HALF, "lr": 1e-3},
+        "server-lr search with 0.5 lr 3e-3": {**A_ROUNDS, **SEARCH_HALF, "lr": 3e-3},
     },
     # eta 3e-3 (the old default) learned slower than FedAvg in docs/algorithms.md
     "fedadam": {

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -61,6 +62,10 @@ STUDENT_TRAINS = ("auto", "lora", "mlp")  # common/model.py: what of the student
 
 def _opt(help: str, **kw: Any) -> Any:
     return field(metadata={"help": help}, **kw)
+
+
+# server-lr-search entries: plain decimals (float() also takes '1_0', 'inf', other digits)
+_DECIMAL = re.compile(r"(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -558,7 +563,7 @@ class RunConfig:
         """True when a validation split is drawn: early stopping, lr-plateau or
         server-lr-search watch it."""
         return (bool(self.early_stopping_patience) or self.lr_plateau
-                or bool(self.server_lr_search))
+                or bool(self.server_lr_candidates))
 
     @property
     def evaluates(self) -> bool:
@@ -567,17 +572,17 @@ class RunConfig:
 
     @property
     def server_lr_candidates(self) -> tuple[float, ...]:
-        """'server-lr-search' as numbers (empty: off). Raises ValueError naming the
-        entry that is not a finite number > 0."""
-        values = []
-        for item in (x.strip() for x in self.server_lr_search.split(",") if x.strip()):
-            try:
-                value = float(item)
-            except ValueError:
-                value = float("nan")
-            if not (math.isfinite(value) and value > 0):
+        """'server-lr-search' as numbers (blank: off). Raises ValueError naming an entry
+        that is empty, not a finite number > 0, or repeated."""
+        if not self.server_lr_search.strip():
+            return ()
+        values: list[float] = []
+        for item in (x.strip() for x in self.server_lr_search.split(",")):
+            value = float(item) if _DECIMAL.fullmatch(item) else float("nan")
+            if not (math.isfinite(value) and value > 0) or value in values:
+                why = "repeated" if value in values else "not a number > 0"
                 raise ValueError(f"config 'server-lr-search' {self.server_lr_search!r}: "
-                                 f"{item!r} is not a number > 0; give server learning rates "
+                                 f"{item!r} is {why}; give distinct server learning rates "
                                  "such as '1,2,4', or '' for off")
             values.append(value)
         return tuple(values)

@@ -215,8 +215,10 @@ def _check_replaces_aggregate(cfg: RunConfig, key: str, off: str) -> None:
         raise ValueError(f"config '{key}' works with 'lora-aggregation' naive only, got "
                          f"'{cfg.lora_aggregation}': use naive or set --{key} {off}")
     if cfg.client_dp != "off":
-        raise ValueError(f"config '{key}' cannot run with 'client-dp' (a discarded release "
-                         "still counts in the privacy budget and the clipping state): set "
+        why = ("a discarded release still counts in the privacy budget and the clipping state"
+               if key == "lr-plateau-reject" else
+               "the noise and clipping are set for the aggregate, and a step s x it scales both")
+        raise ValueError(f"config '{key}' cannot run with 'client-dp' ({why}): set "
                          f"--client-dp off or --{key} {off}")
 
 

@@ -99,7 +99,8 @@ class RoundHook:
     def __init__(self, cfg: RunConfig, run: RunFolder, model, tokenizer, heldout, strategy, *,
                  resumed_round: int = 0, best_loss: float = float("inf"), control=None):
         self.cfg, self.run, self.model, self.strategy = cfg, run, model, strategy
-        self.control = control  # server/control.py: lr-plateau, early stopping (or None)
+        # server/control.py: lr-plateau, early stopping, server-lr-search (or None)
+        self.control = control
         self.heldout, self.pad_id = heldout, tokenizer.pad_token_id
         self.offset, self.best_loss = resumed_round, best_loss
         history = run.history()  # a resumed run's seconds and MB go on from where they stopped
@@ -117,7 +118,8 @@ class RoundHook:
 
     def _evaluate(self, server_round: int, arrays: ArrayRecord, row: dict) -> ArrayRecord:
         """Validation (lr control) and held-out columns into ``row``; returns the global
-        adapter after this round (the last accepted one when lr-plateau-reject undoes it)."""
+        adapter after this round: the step server-lr-search chose, or the last accepted
+        one when lr-plateau-reject undoes the round; else ``arrays``."""
         if self.control is not None:  # validation loss, lr used and the next round's lr
             traffic = getattr(self.strategy, "traffic", None)
             if server_round > 0 and traffic is not None and traffic.aggregated:
@@ -146,6 +148,14 @@ class RoundHook:
             if self.control is not None:  # the saved arrays: the last accepted adapter
                 self.control.kept(arrays, rejected=False)
             return None  # Flower's "round 0" of a resumed run: that round is in the history
+        traffic = getattr(self.strategy, "traffic", None)
+        if server_round > 0 and traffic is not None and not traffic.aggregated:
+            # Nothing aggregated: the global adapter is the one this round started from.
+            # Flower's loop hands back its own last aggregate, which is not that one after
+            # the hook replaced it (server-lr-search, lr-plateau-reject: next_arrays), and
+            # would send that again next round.
+            if self.strategy.global_arrays is not arrays:
+                arrays = self.strategy.next_arrays = self.strategy.global_arrays
         set_adapter_state(self.model, arrays.to_torch_state_dict())
         # lora-aggregation exact: the residual folded into the frozen weights (else none)
         set_residual(self.model, getattr(self.strategy, "residual", {}))

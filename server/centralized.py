@@ -39,7 +39,7 @@ def run_centralized(cfg: RunConfig, *, partition_id: int | None = None) -> RunFo
     if cfg.lr_plateau_reject:  # the undo is the server's (server/control.py); untested here
         raise ValueError("config 'lr-plateau-reject' works in federated runs only, not in "
                          "`fedtune train`: set --lr-plateau-reject false")
-    if cfg.server_lr_search:  # one local "client": there is no aggregate to move along
+    if cfg.server_lr_candidates:  # one local "client": there is no aggregate to move along
         raise ValueError("config 'server-lr-search' works in federated runs only, not in "
                          "`fedtune train`: set --server-lr-search ''")
     setup_process(cfg.num_threads)

@@ -24,6 +24,7 @@ stopping saved, and finishes the run as usual (exit status 0).
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import torch
@@ -86,17 +87,17 @@ class RoundControl:
     def search_server_lr(self, model, aggregate: ArrayRecord,
                          previous: ArrayRecord) -> tuple[ArrayRecord, dict[str, float]]:
         """server-lr-search: the global adapter old + s * (aggregate - old) for the
-        candidate s with the lowest validation loss (the first of equal ones), loaded
-        into ``model``; returns it (``aggregate`` itself when s is 1) and the history
-        columns 'server-lr' and 'val-loss'. Off (no candidates or no validation split):
-        ``aggregate`` and no columns, ``model`` untouched.
+        candidate s with the lowest validation loss (the first of equal ones; NaN losses
+        lose), loaded into ``model``; returns it (``aggregate`` itself when s is 1) and
+        the history columns 'server-lr' and 'val-loss'. Off (no candidates or no
+        validation split): ``aggregate`` and no columns, ``model`` untouched.
 
         ``model`` must hold ``aggregate`` on entry. Costs one validation pass per
         candidate, on the server, while the clients wait. The server learning rate is
         FedAvg's global step size (Reddi et al. 2021, "Adaptive Federated
-        Optimization"; Charles & Konecny 2021 show its outsized effect on local-update
-        methods); here it is picked each round from the measured loss, a grid line
-        search along the round's update, instead of being fixed. No library does that
+        Optimization"; Charles & Konecny 2020, "On the outsized importance of learning
+        rates in local update methods"); here it is picked each round from the measured
+        loss, a grid line search along the round's update, instead of being fixed. No library does that
         for a Flower strategy, hence this method. Both ArrayRecords: float32 adapters
         with the same names and shapes (the strategy's global arrays and aggregate)."""
         candidates = self.cfg.server_lr_candidates
@@ -104,16 +105,20 @@ class RoundControl:
             return aggregate, {}
         new = {k: a.numpy().astype(np.float32, copy=False) for k, a in aggregate.items()}
         old = {k: a.numpy().astype(np.float32, copy=False) for k, a in previous.items()}
-        best_s, best_loss = 1.0, float("inf")
+        losses = {}
         for s in candidates:
             if s != 1.0:
                 set_adapter_state(model, {k: torch.from_numpy(old[k] + np.float32(s) * (v - old[k]))
                                           for k, v in new.items()})
             else:
                 set_adapter_state(model, aggregate.to_torch_state_dict())
-            loss = self._validation_loss(model)
-            if loss < best_loss:
-                best_s, best_loss = s, loss
+            losses[s] = self._validation_loss(model)
+        finite = [s for s in candidates if not math.isnan(losses[s])]
+        # all NaN (a diverged round): the aggregate as is if 1 is a candidate; the loss
+        # stays NaN for lr-plateau and early stopping to judge
+        best_s = (min(finite, key=losses.__getitem__) if finite
+                  else 1.0 if 1.0 in losses else candidates[0])
+        best_loss = losses[best_s]
         if best_s == 1.0:
             chosen = aggregate
         else:

@@ -79,8 +79,9 @@ class TrafficMixin:
         super().__init__(**kwargs)
         self.transport_dtype = transport_dtype
 
-    # lr-plateau-reject (server/control.py): set by the round hook after it undid a round;
-    # the next round starts from these arrays, not from Flower's latest aggregate.
+    # Set by the round hook when it replaced the aggregate (lr-plateau-reject undid the
+    # round, or server-lr-search moved along it: server/control.py); the next round
+    # starts from these arrays, not from Flower's latest aggregate.
     next_arrays: ArrayRecord | None = None
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
