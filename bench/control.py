@@ -2,9 +2,10 @@
 its own job (issue 16), on the built-in model in short runs a shared 2-core CPU allows.
 
 Sections (each a list of runs; a finished run folder is reused, runs are deterministic):
-- adaptive: FedAvg with the fixed cosine schedule vs lr-plateau + early stopping, at
-  initial learning rates 3e-4, 1e-3 and 3e-3: rounds to the fixed run's final loss, and
-  the spread of the final loss across the 10x lr range.
+- adaptive: FedAvg with the fixed cosine schedule vs lr-plateau (+ early stopping), the
+  bold driver with its undo, and server-lr-search, at initial learning rates 3e-4, 1e-3
+  and 3e-3: rounds to the fixed run's final loss, and the spread of the final loss
+  across the 10x lr range.
 - fedadam: FedAvg vs FedAdam at several server-eta on the same short run.
 - regularization: few examples per client and many local steps, task held-out loss and
   forgetting (loss on docs/examples/chat.jsonl, arithmetic chat no client trains on,
@@ -14,7 +15,7 @@ Sections (each a list of runs; a finished run folder is reused, runs are determi
 Every run is fedtune's ServerApp and ClientApp in one process (bench/inproc.py says
 why); it writes docs/control.md and docs/control-*.png.
 
-    python bench/control.py                      # every section (~75 min on a loaded 2-core VM)
+    python bench/control.py                      # every section (~3 h on a loaded 2-core VM)
     python bench/control.py --sections adaptive  # one section
     python bench/control.py --report-only        # the report from the runs done so far
 """
@@ -34,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # Two clients (noun.animal, noun.food) instead of the demo's four, batch 4, 64 tokens:
-# a quarter of the demo's compute per round, which this machine can afford for ~15 runs.
+# a quarter of the demo's compute per round, which this machine can afford for ~35 runs.
 COMMON = {"categories": "noun.animal,noun.food", "num-clients": 2, "batch-size": 4,
           "max-length": 64, "eval-examples": 24, "eval-batch-size": 24,
           "validation-examples": 24, "num-threads": 1}

@@ -15,8 +15,9 @@ DOC = ROOT / "docs" / "control.md"
 # Read off `uptime` while a section's runs went on (the runs do not record it), per
 # section; update the one you rerun.
 OBSERVED_LOAD = {
-    "adaptive": ("1.2 to 2.8 on the 2 cores (other engineers' tests and builds; 1.4 to 2.3 "
-                 "for the runs added with lr-plateau-reject and lr 1e-3)"),
+    "adaptive": ("2.5 to 4.5 on the 2 cores (two runs at a time throughout; up to 6 while "
+                 "a code review's tests and one small run shared the machine with the "
+                 "server-lr search runs at 3e-4 and 3e-3, whose seconds are inflated most)"),
     "fedadam": "1.9 to 4.9 on the 2 cores (a full test suite ran beside most of the runs)",
     "regularization": ("1.0 to 2.9 on the 2 cores (another benchmark, bench/meta.py, and a "
                        "test run shared the machine)"),
@@ -82,7 +83,7 @@ def write_report(results: dict, args) -> None:
         f"{COMMON['eval-examples']} examples, validation {COMMON['validation-examples']} "
         "(drawn apart from the held-out split in every run, so that all runs train on the "
         "same pool). This is smaller than the demo (four clients, batch 8, 96 tokens): the "
-        "demo's runs cost about 100 s per round here, too much for the ~15 runs below. "
+        "demo's runs cost about 100 s per round here, too much for the ~35 runs below. "
         "Each run is fedtune's ServerApp and ClientApp in one process (`bench/inproc.py`: "
         "the same code as `fedtune simulate` without Ray; a 2-round check gave the same "
         "losses to the last digit as `fedtune simulate`).",
@@ -331,13 +332,16 @@ def plot_adaptive(res: dict, path: Path) -> None:
                        marker="x", s=80, color="k", zorder=3)
         lr_rows = [h for h in rows if "lr" in h]
         if lr_rows and adaptive:  # a fixed run's column is its peak lr
-            ax_lr.plot([h["round"] for h in lr_rows], [h["lr"] for h in lr_rows], **style)
+            # server-lr-search: the clients' lr times the server's step, the rate the
+            # global adapter effectively moved at
+            ax_lr.plot([h["round"] for h in lr_rows],
+                       [h["lr"] * h.get("server-lr", 1.0) for h in lr_rows], **style)
     ax.set_xlabel("round")
     ax.set_ylabel("held-out loss")
     ax.set_title("Fixed cosine (dashed) vs adaptive lr (x: round undone)")
     ax_lr.set_yscale("log")
     ax_lr.set_xlabel("round")
-    ax_lr.set_ylabel("clients' peak lr (adaptive runs)")
+    ax_lr.set_ylabel("clients' peak lr (x the server's step s under server-lr-search)")
     ax_lr.set_title("lr per round (runs that coincide overlap)")
     for a in (ax, ax_lr):
         a.grid(alpha=0.3)
