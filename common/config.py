@@ -265,7 +265,7 @@ class RunConfig:
     )
     server_lr_search: str = _opt(
         "Choose the server learning rate s every round by validation loss: comma-separated "
-        "candidates s > 0 (e.g. '1,2,4'); the global adapter becomes old + s * (aggregate "
+        "candidates s > 0 (e.g. '0.5,1,2,4'); the global adapter becomes old + s * (aggregate "
         "- old) for the s whose adapter has the lowest validation loss, at one validation "
         "pass per candidate; fedavg or fedprox, lora-aggregation naive, no client-dp "
         "('': off, the aggregate as is).",
