@@ -122,7 +122,8 @@ class RoundHook:
         one when lr-plateau-reject undoes the round; else ``arrays``."""
         if self.control is not None:  # validation loss, lr used and the next round's lr
             traffic = getattr(self.strategy, "traffic", None)
-            if server_round > 0 and traffic is not None and traffic.aggregated:
+            if (server_round > 0 and self.cfg.server_lr_candidates and traffic is not None
+                    and traffic.aggregated):
                 # server-lr-search (server/control.py): a step along the round's update
                 chosen, found = self.control.search_server_lr(
                     self.model, arrays, self.strategy.global_arrays)
@@ -154,8 +155,9 @@ class RoundHook:
             # Flower's loop hands back its own last aggregate, which is not that one after
             # the hook replaced it (server-lr-search, lr-plateau-reject: next_arrays), and
             # would send that again next round.
-            if self.strategy.global_arrays is not arrays:
-                arrays = self.strategy.next_arrays = self.strategy.global_arrays
+            started = getattr(self.strategy, "global_arrays", None)  # None: a stand-in
+            if started is not None and started is not arrays:
+                arrays = self.strategy.next_arrays = started
         set_adapter_state(self.model, arrays.to_torch_state_dict())
         # lora-aggregation exact: the residual folded into the frozen weights (else none)
         set_residual(self.model, getattr(self.strategy, "residual", {}))
