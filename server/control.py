@@ -97,21 +97,24 @@ class RoundControl:
         FedAvg's global step size (Reddi et al. 2021, "Adaptive Federated
         Optimization"; Charles & Konecny 2020, "On the outsized importance of learning
         rates in local update methods"); here it is picked each round from the measured
-        loss, a grid line search along the round's update, instead of being fixed. No library does that
-        for a Flower strategy, hence this method. Both ArrayRecords: float32 adapters
-        with the same names and shapes (the strategy's global arrays and aggregate)."""
+        loss, a grid line search along the round's update, instead of being fixed. No
+        library does that for a Flower strategy, hence this method. Both ArrayRecords:
+        float32 adapters with the same names and shapes (the strategy's global arrays
+        and aggregate)."""
         candidates = self.cfg.server_lr_candidates
         if not candidates or not self.validation:
             return aggregate, {}
         new = {k: a.numpy().astype(np.float32, copy=False) for k, a in aggregate.items()}
         old = {k: a.numpy().astype(np.float32, copy=False) for k, a in previous.items()}
+
+        def stepped(s: float) -> dict[str, np.ndarray]:  # old + s * (aggregate - old)
+            return {k: np.ascontiguousarray(old[k] + np.float32(s) * (v - old[k]))
+                    for k, v in new.items()}
+
         losses = {}
         for s in candidates:
-            if s != 1.0:
-                set_adapter_state(model, {k: torch.from_numpy(old[k] + np.float32(s) * (v - old[k]))
-                                          for k, v in new.items()})
-            else:
-                set_adapter_state(model, aggregate.to_torch_state_dict())
+            set_adapter_state(model, aggregate.to_torch_state_dict() if s == 1.0 else
+                              {k: torch.from_numpy(v) for k, v in stepped(s).items()})
             losses[s] = self._validation_loss(model)
         finite = [s for s in candidates if not math.isnan(losses[s])]
         # all NaN (a diverged round): the aggregate as is if 1 is a candidate; the loss
@@ -119,12 +122,8 @@ class RoundControl:
         best_s = (min(finite, key=losses.__getitem__) if finite
                   else 1.0 if 1.0 in losses else candidates[0])
         best_loss = losses[best_s]
-        if best_s == 1.0:
-            chosen = aggregate
-        else:
-            chosen = ArrayRecord({k: Array(np.ascontiguousarray(old[k] + np.float32(best_s)
-                                                                * (v - old[k])))
-                                  for k, v in new.items()})
+        chosen = (aggregate if best_s == 1.0 else
+                  ArrayRecord({k: Array(v) for k, v in stepped(best_s).items()}))
         set_adapter_state(model, chosen.to_torch_state_dict())
         return chosen, {"server-lr": best_s, "val-loss": best_loss}
 
