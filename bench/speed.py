@@ -21,6 +21,7 @@ Runs are sequential: run this part on an idle machine.
     python bench/speed.py                    # both parts (~30 min on an idle 2-core machine)
     python bench/speed.py --part steps       # the per-step comparison only (~4 min)
     python bench/speed.py --part runs --only demo
+    python bench/speed.py --part backends    # the runs under --backend ray and sequential
     python bench/speed.py --report-only      # rewrite the runs section from runs/bench-speed.json
 """
 
@@ -208,6 +209,54 @@ def measure_runs(only: list[str]) -> list[dict]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def measure_backends(only: list[str]) -> list[dict]:
+    """Each run under 'backend' ray and sequential (dtype auto), one after the other."""
+    work = Path(tempfile.mkdtemp(prefix="fedtune-speed-"))
+    try:
+        data = identical_dataset(work / "wordnet-4200.jsonl")
+        plans = {"demo": [], "identical": ["--dataset", str(data), *IDENTICAL]}
+        return [run_once(f"{what}-{backend}", [*plans[what], "--backend", backend], work)
+                for what in only for backend in ("ray", "sequential")]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def backends_lines(results: list[dict], command: str, when: str | None = None) -> list[str]:
+    from common.config import RunConfig
+    from common.precision import resolve_dtype
+
+    dtype = str(resolve_dtype("auto", "cpu")).removeprefix("torch.")
+    lines = [
+        "## Speed and memory: Ray against sequential clients", "",
+        f"Measured by `{command}` on {machine()}, {when or today()}, one run at a time "
+        "(load average after each run in the table). The same runs as the section above "
+        f"(dtype auto: {dtype} on this CPU) under each `--backend`: 'ray', Flower's "
+        f"simulation engine with one Ray actor per core ({RunConfig().num_threads} torch "
+        "thread each, two clients at a time here), and 'sequential', every client in the "
+        "server's process one after another with every core (server/sequential.py). "
+        "Wall and memory are measured as above (the whole process tree).", "",
+        "| run | backend | wall s | peak RSS sum GB | peak PSS GB | processes | held-out loss per evaluated round | load after |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        what, backend = r["name"].split("-", 1)
+        lines.append(f"| {what} | {backend} | {r['wall-s']} | {r['peak-rss-sum-gb']} | "
+                     f"{r['peak-pss-gb']} | {r['processes']} | "
+                     f"{' -> '.join(f'{x:.4f}' for x in r['eval-loss'])} | {r['load-after']} |")
+    by = {r["name"]: r for r in results}
+    lines.append("")
+    for what in ("demo", "identical"):
+        a, b = by.get(f"{what}-sequential"), by.get(f"{what}-ray")
+        if a and b:
+            rel = (a["eval-loss"][-1] - b["eval-loss"][-1]) / b["eval-loss"][-1]
+            lines.append(f"- {what}: sequential against ray: wall x{a['wall-s'] / b['wall-s']:.2f}, "
+                         f"peak RSS sum x{a['peak-rss-sum-gb'] / b['peak-rss-sum-gb']:.2f}, "
+                         f"peak PSS x{a['peak-pss-gb'] / b['peak-pss-gb']:.2f}, final held-out "
+                         f"loss {rel:+.2%}.")
+    lines.append("")
+    return lines
+
+
 def runs_lines(results: list[dict], command: str, floor: dict | None,
                when: str | None = None) -> list[str]:
     lines = [
@@ -290,7 +339,9 @@ def _in_child(fn, *args):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("steps", "runs", "all"), default="all")
+    parser.add_argument("--part", choices=("steps", "runs", "backends", "all"), default="all",
+                        help="all: steps and runs; backends: the runs under --backend ray "
+                             "and sequential")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per dtype (default 8)")
     parser.add_argument("--only", default="demo,identical", help="runs: demo,identical")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-speed.json")
@@ -325,6 +376,10 @@ def main() -> int:
         saved["runs-command"], saved["runs-date"] = command, today()
         floor = demo_floor(saved["steps"]) if "steps" in saved else None
         write_section("speed-runs", runs_lines(saved["runs"], command, floor))
+    if args.part == "backends":
+        saved["backends"] = measure_backends(args.only.split(","))
+        saved["backends-command"], saved["backends-date"] = command, today()
+        write_section("speed-backends", backends_lines(saved["backends"], command))
     args.out.write_text(json.dumps(saved, indent=1))
     print(f"wrote docs/benchmarks.md (speed sections) and {args.out}")
     return 0

@@ -44,6 +44,7 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "adamw-schedulefree")
 ROUND_LR_KEY = "lr"  # in train configs under lr-plateau: the clients' current peak lr
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+BACKENDS = ("ray", "sequential")  # `fedtune simulate`: server/simulation.py, server/sequential.py
 TRANSPORT_DTYPES = ("float32", "float16", "bfloat16")
 DATA_FORMATS = ("auto", "instruction", "chat")
 TRUNCATIONS = ("drop", "keep-start")
@@ -96,6 +97,17 @@ class RunConfig:
         "Where each process trains and evaluates: 'auto' (the first CUDA GPU if torch "
         "sees one, else the CPU), 'cpu', 'cuda' or 'cuda:N'.",
         default="auto",
+    )
+    backend: str = _opt(
+        f"`fedtune simulate`'s engine, one of {BACKENDS}. 'ray': Flower's simulation engine, "
+        "one Ray actor (a process with its own copy of the base model) per num-threads "
+        "cores, clients in parallel. 'sequential': every client in the server's process, "
+        "one after another, with max(num-threads, cores) torch threads: one copy of the "
+        "model and no Ray (less memory; slower where two one-thread clients side by side "
+        "outrun one client on two threads; round-timeout cannot cut a client short). "
+        "Results equal 'ray' at equal num-threads. `flwr run`: ignored (its federation's "
+        "engine runs).",
+        default="ray",
     )
     num_threads: int = _opt(
         "torch threads per process (1 per simulated client: two threads per client "

@@ -9,7 +9,7 @@ import os
 from typing import Any
 
 from common.config import (
-    BUILTIN_MODEL, CLIENT_DP_MODES, DATA_FORMATS, DISTILL_LOSSES, DP_GRAD_SAMPLE_MODES, DTYPES,
+    BACKENDS, BUILTIN_MODEL, CLIENT_DP_MODES, DATA_FORMATS, DISTILL_LOSSES, DP_GRAD_SAMPLE_MODES, DTYPES,
     KRUM_STRATEGIES, LORA_AGGREGATIONS, LR_SCHEDULES, ON_BAD_RECORDS, OPTIMIZERS,
     PARTITIONERS, STRATEGIES, STUDENT_LAYER_CHOICES, STUDENT_TRAINS, TASKS, TRANSPORT_DTYPES,
     TRUNCATIONS, RunConfig, _attr, _check_choice,
@@ -24,6 +24,7 @@ def validate(cfg: RunConfig) -> None:
             cfg.device.startswith("cuda:") and cfg.device[5:].isdigit()):
         raise ValueError(f"config 'device' must be auto, cpu, cuda or cuda:N; got {cfg.device!r}")
     _check_choice("dtype", cfg.dtype, DTYPES)
+    _check_choice("backend", cfg.backend, BACKENDS)
     _check_choice("transport-dtype", cfg.transport_dtype, TRANSPORT_DTYPES)
     _check_choice("data-format", cfg.data_format, DATA_FORMATS)
     _check_choice("truncation", cfg.truncation, TRUNCATIONS)

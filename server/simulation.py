@@ -1,4 +1,5 @@
-"""Child process of ``fedtune simulate``: Flower's simulation engine, in-process.
+"""Child process of ``fedtune simulate``: Flower's simulation engine (Ray), or with
+'backend' sequential every client in this process (server/sequential.py).
 
 Reads the resolved config from the environment (see ``common.runtime``); the parent
 owns the process group and cleans it up.
@@ -29,8 +30,19 @@ def main() -> int:
         print(f"fedtune: error: {err}", flush=True)
         return INPUT_ERROR_EXIT
     release_memory()  # the check tokenized every partition; the clients hold their own
+    cores = os.cpu_count() or 1
+    if cfg.backend == "sequential":
+        # One process runs every client in turn: each may use every core.
+        cfg = cfg.replace(num_threads=max(cfg.num_threads, cores))
     # the apps (here and in Ray's workers, which inherit this environment) read it
     os.environ[CONFIG_ENV] = json.dumps(cfg.to_mapping())
+    if cfg.backend == "sequential":  # server/sequential.py: no Ray, one copy of the model
+        from server.sequential import run_sequential
+
+        setup_process(cfg.num_threads)
+        run_sequential(cfg)
+        skip_exit_collection()
+        return 0
     # Ray prestarts idle Python workers (~85 MB each) that a simulation of a few actors
     # never uses; its raylet reads its settings from this process's environment.
     os.environ.setdefault("RAY_enable_worker_prestart", "0")
@@ -40,7 +52,6 @@ def main() -> int:
     from client.app import app as client_app
     from server.app import app as server_app
 
-    cores = os.cpu_count() or 1
     backend = {
         # One Ray actor per `num-threads` cores: each actor is a process holding one
         # copy of the base model, reused for every client and round it serves.

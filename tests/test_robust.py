@@ -182,10 +182,12 @@ def test_robust_settings_are_checked_at_config_time(values, message):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("backend", ["ray", "sequential"])
 def test_a_crashing_client_does_not_stop_the_run(tiny_model_dir, tiny_dataset, tmp_path,
-                                                 monkeypatch):
+                                                 monkeypatch, backend):
     """3 clients, min-train-clients 2, partition 1 raises in every round (test hook in
-    client/app.py): each round aggregates the other two and records one failure."""
+    client/app.py): each round aggregates the other two and records one failure, under
+    Flower's Ray engine and fedtune's sequential one (server/sequential.py)."""
     monkeypatch.setenv("FEDTUNE_TEST_CRASH_PARTITION", "1")
     run_dir = tmp_path / "run"
     result = fedtune(
@@ -193,7 +195,7 @@ def test_a_crashing_client_does_not_stop_the_run(tiny_model_dir, tiny_dataset, t
         "--categories", "", "--partitioner", "iid", "--num-clients", "3",
         "--min-train-clients", "2", "--num-server-rounds", "2", "--local-steps", "1",
         "--batch-size", "4", "--eval-examples", "8", "--max-length", "64", "--lora-r", "4",
-        "--run-dir", str(run_dir))
+        "--backend", backend, "--run-dir", str(run_dir))
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     history = [json.loads(l) for l in (run_dir / "history.jsonl").read_text().splitlines()]
     assert [row["round"] for row in history] == [0, 1, 2]
