@@ -18,6 +18,7 @@ from common.model import adapter_state, get_model, load_tokenizer, set_adapter_s
 from common.runtime import all_cores, config_from_run_config, release_memory, setup_process
 from common.train import evaluate
 from server.privacy import client_level_epsilon
+from server.sequential import SequentialGrid
 from server.checkpoints import RunFolder, ServerState, check_resumable, record_data_stats
 from server.control import FederationStopped, RoundControl, report_early_stop
 from server.strategies import build_strategy
@@ -39,6 +40,9 @@ def main(grid: Grid, context: Context) -> None:
     model, tokenizer = get_model(cfg), load_tokenizer(cfg.model)
     strategy = build_strategy(cfg)
     run, initial_arrays, done, best_loss = open_run(cfg, strategy, model)
+    if cfg.backend == "sequential" and not isinstance(grid, SequentialGrid):
+        run.log("fedtune: warning: 'backend' sequential applies to `fedtune simulate`; this "
+                "run's clients run on its federation's engine")
     heldout = heldout_examples(cfg, cfg.num_clients, tokenizer)
     # lr-plateau and early stopping: the validation loss each round (server/control.py);
     # train_config is the record Strategy.start hands configure_train every round, so

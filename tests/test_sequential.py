@@ -165,4 +165,16 @@ def test_sequential_equals_ray_at_equal_threads(tiny_model_dir, tiny_dataset, tm
     # Ray's start logs a warning from its package (pinned in requirements.lock): the
     # sequential run's log has no line from Ray
     assert "site-packages/ray/" in (tmp_path / "ray" / "run.log").read_text()
-    assert "site-packages/ray/" not in (tmp_path / "seq" / "run.log").read_text()
+    seq_log = (tmp_path / "seq" / "run.log").read_text()
+    assert "site-packages/ray/" not in seq_log and "applies to `fedtune simulate`" not in seq_log
+
+
+def test_backend_sequential_on_another_engine_is_warned(tiny_cfg, flower_identity):
+    """`flwr run` (or any Grid but fedtune's own) ignores 'backend': the run says so."""
+    from pathlib import Path
+
+    from bench.inproc import run_federation
+
+    run_federation({**tiny_cfg.to_mapping(), "backend": "sequential", "num-server-rounds": 1})
+    log = (Path(tiny_cfg.run_dir) / "run.log").read_text()
+    assert "'backend' sequential applies to `fedtune simulate`" in log
