@@ -105,7 +105,8 @@ class RunConfig:
         "one after another, with max(num-threads, cores) torch threads: one copy of the "
         "model and no Ray (less memory; slower where two one-thread clients side by side "
         "outrun one client on two threads; round-timeout cannot cut a client short). "
-        "Results equal 'ray' at equal num-threads. `flwr run`: ignored (its federation's "
+        "Results equal 'ray' at equal num-threads (save client-dp's unseeded noise). "
+        "`flwr run`: ignored, with a warning in run.log (its federation's "
         "engine runs).",
         default="ray",
     )

@@ -91,6 +91,14 @@ def skip_exit_collection() -> None:
     gc.freeze()
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (taskset, a container's or a
+    scheduler's CPU set), not every core of the host."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
 @contextlib.contextmanager
 def all_cores():
     """torch uses every core this process may run on inside the block, then its own
@@ -101,8 +109,7 @@ def all_cores():
     import torch
 
     before = torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(max(before, cores or 1))
+    torch.set_num_threads(max(before, usable_cores()))
     try:
         yield
     finally:

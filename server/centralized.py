@@ -35,13 +35,24 @@ class _NoWire:
     traffic: RoundTraffic | None = None
 
 
-def run_centralized(cfg: RunConfig, *, partition_id: int | None = None) -> RunFolder:
+def refuse_federated_only(cfg: RunConfig) -> None:
+    """ValueError (one line, key and fix) for a setting only a federation has."""
     if cfg.lr_plateau_reject:  # the undo is the server's (server/control.py); untested here
         raise ValueError("config 'lr-plateau-reject' works in federated runs only, not in "
                          "`fedtune train`: set --lr-plateau-reject false")
     if cfg.server_lr_candidates:  # one local "client": there is no aggregate to move along
         raise ValueError("config 'server-lr-search' works in federated runs only, not in "
                          "`fedtune train`: set --server-lr-search ''")
+    if cfg.backend != "ray":
+        raise ValueError(f"config 'backend' ({cfg.backend}) chooses `fedtune simulate`'s "
+                         "engine; `fedtune train` runs no clients: drop --backend")
+    if cfg.client_dp != "off":
+        raise ValueError("'client-dp' protects clients of a federation; `fedtune train` has "
+                         "one party: use --dp-sgd for DP training on the pooled data")
+
+
+def run_centralized(cfg: RunConfig, *, partition_id: int | None = None) -> RunFolder:
+    refuse_federated_only(cfg)
     setup_process(cfg.num_threads)
     run = RunFolder.create(cfg)
     record_data_stats(run)

@@ -426,18 +426,18 @@ def _group_running(pgid: int) -> bool:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    from server.centralized import run_centralized
+    from server.centralized import refuse_federated_only, run_centralized
 
-    cfg = _prepared_config(args, pooled=True)
+    # Settings a single trainer cannot honour are refused before the data preflight.
+    cfg = config_from_args(args)
     if cfg.resume_from:
         raise ValueError("'resume-from' works with `fedtune simulate` and `flwr run`; "
                          "`fedtune train` always starts a new run: unset it")
     if args.partition_id is not None and not 0 <= args.partition_id < cfg.num_clients:
         raise ValueError(f"--partition-id {args.partition_id} is outside 0..{cfg.num_clients - 1}: "
                          f"pick one of the {cfg.num_clients} clients, or raise --num-clients")
-    if cfg.client_dp != "off":
-        raise ValueError("'client-dp' protects clients of a federation; `fedtune train` has "
-                         "one party: use --dp-sgd for DP training on the pooled data")
+    refuse_federated_only(cfg)
+    cfg = _prepared_config(args, pooled=True)
     started = time.perf_counter()
     run = run_centralized(cfg, partition_id=args.partition_id)
     finish_run(cfg, run.path, time.perf_counter() - started)

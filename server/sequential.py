@@ -8,10 +8,12 @@ processes and Ray's daemons for the demo: ~6 GB summed RSS in float32). Flower's
 (``flwr.server.superlink.fleet.vce.vce_api.start_vce``). So this module gives the
 ServerApp a ``Grid`` that hands each message to the ClientApp in this process: the same
 ``server.app:app`` and ``client.app:app`` objects, mods included, and the model cached
-once per process (``common.model.get_model``) serves the server and every client.
+once per process (``common.model.get_model``) serves the server and every client (a
+lower LoRA rank under client-lora-ranks is another cached model, as in a Ray actor).
 
-What matches Flower's engine: messages cross as Flower's own wire format (protobuf,
-``flwr.common.serde``), so server and clients share no objects, as over a network; a
+What matches Flower's engine: messages cross serialized by Flower's protobuf serde
+(``flwr.common.serde``, the whole message at once where Flower's transports send the
+content apart), so server and clients share no objects, as over a network; a
 client that raises becomes an error reply (ErrorCode.CLIENT_APP_RAISED_EXCEPTION with
 the exception in the reason, as the Ray engine reports it) and the run goes on; each
 node keeps its Context (its ``state``) from round to round. What differs: clients run
@@ -116,11 +118,13 @@ class SequentialGrid(Grid):
                                  reason=f"{type(err)}:<'{err}'>"), reply_to=message)
 
 
-def run_sequential(cfg: RunConfig, server_app=None, client_app=None) -> float:
+def run_sequential(cfg: RunConfig, server_app=None, client_app=None, *,
+                   client_threads: int | None = None) -> float:
     """Run ``server_app`` (default ``server.app:app``) over ``cfg.num_clients`` nodes of
-    ``client_app`` (default ``client.app:app``) in this process. ``cfg`` is what both
-    apps receive as their run-config (``common.runtime.CONFIG_ENV`` still overrides it,
-    as in every fedtune process). Returns the wall seconds. Raises what the ServerApp
+    ``client_app`` (default ``client.app:app``) in this process. ``cfg`` is the
+    server's run-config; the clients' is the same with num-threads ``client_threads``
+    (default: cfg's). ``common.runtime.CONFIG_ENV``, where set, still overrides both, as
+    in every fedtune process. Returns the wall seconds. Raises what the ServerApp
     raises; a ClientApp's exception is an error reply (see :class:`SequentialGrid`)."""
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -134,7 +138,8 @@ def run_sequential(cfg: RunConfig, server_app=None, client_app=None) -> float:
     # (flwr.simulation.run_simulation sets the same dummy one for its Python API).
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, RUN_ID, SERVER_NODE_ID
     run_config = cfg.to_mapping()
-    grid = SequentialGrid(client_app, cfg.num_clients, run_config, run)
+    client_config = cfg.replace(num_threads=client_threads or cfg.num_threads).to_mapping()
+    grid = SequentialGrid(client_app, cfg.num_clients, client_config, run)
     server_app(grid, Context(run_id=RUN_ID, node_id=SERVER_NODE_ID, node_config={},
                              state=RecordDict(), run_config=run_config))
     return time.perf_counter() - started

@@ -20,7 +20,7 @@ INPUT_ERROR_EXIT = 2  # a bad input, reported in one line before Ray starts
 
 def main() -> int:
     cfg = config_from_run_config({})
-    from common.runtime import release_memory, setup_process, skip_exit_collection
+    from common.runtime import release_memory, setup_process, skip_exit_collection, usable_cores
     from server.cli import check_inputs
 
     setup_process(cfg.num_threads)
@@ -30,19 +30,19 @@ def main() -> int:
         print(f"fedtune: error: {err}", flush=True)
         return INPUT_ERROR_EXIT
     release_memory()  # the check tokenized every partition; the clients hold their own
-    cores = os.cpu_count() or 1
-    if cfg.backend == "sequential":
-        # One process runs every client in turn: each may use every core.
-        cfg = cfg.replace(num_threads=max(cfg.num_threads, cores))
-    # the apps (here and in Ray's workers, which inherit this environment) read it
-    os.environ[CONFIG_ENV] = json.dumps(cfg.to_mapping())
+    cores = usable_cores()
     if cfg.backend == "sequential":  # server/sequential.py: no Ray, one copy of the model
         from server.sequential import run_sequential
 
-        setup_process(cfg.num_threads)
-        run_sequential(cfg)
+        # The apps read their config from the contexts (no environment to override it):
+        # the server saves the run's config as given, and the clients, which run one at
+        # a time in this process, each use every core.
+        os.environ.pop(CONFIG_ENV, None)
+        run_sequential(cfg, client_threads=max(cfg.num_threads, cores))
         skip_exit_collection()
         return 0
+    # the apps (here and in Ray's workers, which inherit this environment) read it
+    os.environ[CONFIG_ENV] = json.dumps(cfg.to_mapping())
     # Ray prestarts idle Python workers (~85 MB each) that a simulation of a few actors
     # never uses; its raylet reads its settings from this process's environment.
     os.environ.setdefault("RAY_enable_worker_prestart", "0")

@@ -13,6 +13,7 @@ from flwr.supercore.run import Run
 from safetensors.numpy import load_file
 
 from common.config import RunConfig
+from common.runtime import usable_cores
 from server.sequential import SequentialGrid, run_sequential
 from tests.test_cli import fedtune
 
@@ -147,11 +148,13 @@ def _run(tiny_model_dir, tiny_dataset, run_dir, *extra):
 
 @pytest.mark.slow
 def test_sequential_equals_ray_at_equal_threads(tiny_model_dir, tiny_dataset, tmp_path):
-    """The same run under both engines, 2 torch threads per client in each (Ray: one
-    actor of 2 threads): the same losses every round and the same adapter, bit for bit."""
-    _, ray = _run(tiny_model_dir, tiny_dataset, tmp_path / "ray", "--num-threads", "2")
+    """The same run under both engines with num-threads = the usable cores (Ray: one
+    actor with every core; sequential: every client with every core): the same losses
+    every round and the same adapter, bit for bit."""
+    threads = str(usable_cores())
+    _, ray = _run(tiny_model_dir, tiny_dataset, tmp_path / "ray", "--num-threads", threads)
     result, sequential = _run(tiny_model_dir, tiny_dataset, tmp_path / "seq",
-                              "--num-threads", "2", "--backend", "sequential")
+                              "--num-threads", threads, "--backend", "sequential")
     keys = ("round", "eval-loss", "train-loss", "clients", "failures", "aggregated")
     assert [{k: r.get(k) for k in keys} for r in sequential] == \
         [{k: r.get(k) for k in keys} for r in ray]
@@ -161,7 +164,7 @@ def test_sequential_equals_ray_at_equal_threads(tiny_model_dir, tiny_dataset, tm
         b = load_file(tmp_path / "seq" / name / "adapter_model.safetensors")
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     config = json.loads((tmp_path / "seq" / "config.json").read_text())
-    assert config["backend"] == "sequential"
+    assert (config["backend"], config["num-threads"]) == ("sequential", int(threads))
     # Ray's start logs a warning from its package (pinned in requirements.lock): the
     # sequential run's log has no line from Ray
     assert "site-packages/ray/" in (tmp_path / "ray" / "run.log").read_text()
@@ -178,3 +181,21 @@ def test_backend_sequential_on_another_engine_is_warned(tiny_cfg, flower_identit
     run_federation({**tiny_cfg.to_mapping(), "backend": "sequential", "num-server-rounds": 1})
     log = (Path(tiny_cfg.run_dir) / "run.log").read_text()
     assert "'backend' sequential applies to `fedtune simulate`" in log
+
+
+@pytest.mark.slow
+def test_the_saved_config_keeps_num_threads_as_given(tiny_model_dir, tiny_dataset, tmp_path):
+    """Sequential clients use every core, but only in that process: the run's config
+    (what --resume reads, perhaps under --backend ray) keeps num-threads 1."""
+    _run(tiny_model_dir, tiny_dataset, tmp_path / "seq", "--backend", "sequential",
+         "--num-server-rounds", "1")
+    config = json.loads((tmp_path / "seq" / "config.json").read_text())
+    assert (config["backend"], config["num-threads"]) == ("sequential", 1)
+
+
+def test_fedtune_train_refuses_backend_before_any_work(tmp_path):
+    result = fedtune("train", "--backend", "sequential", "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 2
+    assert "config 'backend' (sequential) chooses `fedtune simulate`'s engine" in \
+        result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "run").exists()
