@@ -114,6 +114,7 @@ def test_run_sequential_hands_the_server_app_the_grid_and_the_config(flower_iden
     def server_app(grid, context):
         seen["nodes"] = list(grid.get_node_ids())
         seen["lr"] = context.run_config["lr"]
+        seen["server threads"] = context.run_config["num-threads"]
         seen["replies"] = [r.content["metrics"]["partition"] for r in grid.send_and_receive(
             [_train_message(n, ArrayRecord()) for n in grid.get_node_ids()])]
 
@@ -121,11 +122,14 @@ def test_run_sequential_hands_the_server_app_the_grid_and_the_config(flower_iden
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        seen.setdefault("client threads", set()).add(context.run_config["num-threads"])
         return Message(RecordDict({"metrics": MetricRecord(
             {"partition": context.node_config["partition-id"]})}), reply_to=msg)
 
-    run_sequential(RunConfig(num_clients=3, lr=5e-4), server_app=server_app, client_app=app)
-    assert seen == {"nodes": [1, 2, 3], "lr": 5e-4, "replies": [0, 1, 2]}
+    run_sequential(RunConfig(num_clients=3, lr=5e-4), server_app=server_app, client_app=app,
+                   client_threads=4)
+    assert seen == {"nodes": [1, 2, 3], "lr": 5e-4, "replies": [0, 1, 2], "server threads": 1,
+                    "client threads": {4}}
 
 
 def test_an_unknown_backend_is_refused_in_one_line():
