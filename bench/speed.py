@@ -193,32 +193,37 @@ def run_once(name: str, extra: list[str], work: Path) -> dict:
     return result
 
 
-def measure_runs(only: list[str]) -> list[dict]:
+def measure(only: list[str], variants: list[tuple[str, list[str]]]) -> list[dict]:
+    """Each of ``only`` (demo, identical) under each variant (name, extra flags), one
+    after the other; runs are named ``what-variant``."""
     work = Path(tempfile.mkdtemp(prefix="fedtune-speed-"))
     try:
         data = identical_dataset(work / "wordnet-4200.jsonl")
         plans = {"demo": [], "identical": ["--dataset", str(data), *IDENTICAL]}
-        results = []
-        for what in only:
-            for dtype in ("auto", "float32"):
-                results.append(run_once(f"{what}-{dtype}", [*plans[what], "--dtype", dtype], work))
-            # the same run again: its data's tokens come from the cache the first one wrote
-            results.append(run_once(f"{what}-auto (warm)", [*plans[what], "--dtype", "auto"], work))
-        return results
+        return [run_once(f"{what}-{name}", [*plans[what], *flags], work)
+                for what in only for name, flags in variants]
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def measure_backends(only: list[str]) -> list[dict]:
-    """Each run under 'backend' ray and sequential (dtype auto), one after the other."""
-    work = Path(tempfile.mkdtemp(prefix="fedtune-speed-"))
-    try:
-        data = identical_dataset(work / "wordnet-4200.jsonl")
-        plans = {"demo": [], "identical": ["--dataset", str(data), *IDENTICAL]}
-        return [run_once(f"{what}-{backend}", [*plans[what], "--backend", backend], work)
-                for what in only for backend in ("ray", "sequential")]
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+# dtype auto and float32 on data tokenized afresh, then auto again on the tokens the
+# first run cached (common/token_cache.py)
+DTYPE_RUNS = [("auto", ["--dtype", "auto"]), ("float32", ["--dtype", "float32"]),
+              ("auto (warm)", ["--dtype", "auto"])]
+BACKEND_RUNS = [("ray", ["--backend", "ray"]), ("sequential", ["--backend", "sequential"])]
+
+
+def _runs_table(results: list[dict], column: str) -> list[str]:
+    """The runs as a table; ``column`` names what follows the run's name (dtype, backend)."""
+    lines = [f"| run | {column} | wall s | peak RSS sum GB | peak PSS GB | processes | "
+             "held-out loss per evaluated round | load after |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        what, variant = r["name"].split("-", 1)
+        lines.append(f"| {what} | {variant} | {r['wall-s']} | {r['peak-rss-sum-gb']} | "
+                     f"{r['peak-pss-gb']} | {r['processes']} | "
+                     f"{' -> '.join(f'{x:.4f}' for x in r['eval-loss'])} | {r['load-after']} |")
+    return lines
 
 
 def backends_lines(results: list[dict], command: str, when: str | None = None) -> list[str]:
@@ -235,14 +240,8 @@ def backends_lines(results: list[dict], command: str, when: str | None = None) -
         "thread each, two clients at a time here), and 'sequential', every client in the "
         "server's process one after another with every core (server/sequential.py). "
         "Wall and memory are measured as above (the whole process tree).", "",
-        "| run | backend | wall s | peak RSS sum GB | peak PSS GB | processes | held-out loss per evaluated round | load after |",
-        "|---|---|---|---|---|---|---|---|",
+        *_runs_table(results, "backend"),
     ]
-    for r in results:
-        what, backend = r["name"].split("-", 1)
-        lines.append(f"| {what} | {backend} | {r['wall-s']} | {r['peak-rss-sum-gb']} | "
-                     f"{r['peak-pss-gb']} | {r['processes']} | "
-                     f"{' -> '.join(f'{x:.4f}' for x in r['eval-loss'])} | {r['load-after']} |")
     by = {r["name"]: r for r in results}
     lines.append("")
     for what in ("demo", "identical"):
@@ -266,14 +265,8 @@ def runs_lines(results: list[dict], command: str, floor: dict | None,
         "Memory: peak over samples (RSS every second, PSS every 5 s) of the whole process tree (the parent, the "
         "simulation child with the ServerApp, Ray's processes and actors), RSS summed "
         "(shared pages counted once per process) and PSS (shared pages split).", "",
-        "| run | dtype | wall s | peak RSS sum GB | peak PSS GB | processes | held-out loss per evaluated round | load after |",
-        "|---|---|---|---|---|---|---|---|",
+        *_runs_table(results, "dtype"),
     ]
-    for r in results:
-        what, dtype = r["name"].split("-", 1)
-        lines.append(f"| {what} | {dtype} | {r['wall-s']} | {r['peak-rss-sum-gb']} | "
-                     f"{r['peak-pss-gb']} | {r['processes']} | "
-                     f"{' -> '.join(f'{x:.4f}' for x in r['eval-loss'])} | {r['load-after']} |")
     by = {r["name"]: r for r in results}
     lines.append("")
     for what in ("demo", "identical"):
@@ -372,12 +365,12 @@ def main() -> int:
         write_section("speed-steps", steps_lines(saved["steps"], command))
         args.out.write_text(json.dumps(saved, indent=1))
     if args.part in ("runs", "all"):
-        saved["runs"] = measure_runs(args.only.split(","))
+        saved["runs"] = measure(args.only.split(","), DTYPE_RUNS)
         saved["runs-command"], saved["runs-date"] = command, today()
         floor = demo_floor(saved["steps"]) if "steps" in saved else None
         write_section("speed-runs", runs_lines(saved["runs"], command, floor))
     if args.part == "backends":
-        saved["backends"] = measure_backends(args.only.split(","))
+        saved["backends"] = measure(args.only.split(","), BACKEND_RUNS)
         saved["backends-command"], saved["backends-date"] = command, today()
         write_section("speed-backends", backends_lines(saved["backends"], command))
     args.out.write_text(json.dumps(saved, indent=1))
